@@ -1,0 +1,34 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+# Each sets up .venv (CPU torch pinned first: an unpinned torch pulls a multi-GB CUDA build).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.pagecube-installed
+DEMO   ?= demo-out
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	rm -rf $(DEMO)
+	$(BIN)/pagecube sample $(DEMO)/pages --pages 64
+	$(BIN)/pagecube build $(DEMO)/pages/pages.txt --out $(DEMO)/cube.zarr --workers 2
+	$(BIN)/pagecube status $(DEMO)/cube.zarr
+	$(BIN)/pagecube summary $(DEMO)/cube.zarr --max-pages 3
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) $(DEMO)

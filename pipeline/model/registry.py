@@ -1,0 +1,64 @@
+"""Find a model factory by built-in name or ``package.module:factory`` path.
+
+Factories are imported lazily so that an optional model's dependencies are
+only needed when that model is asked for.  Every factory is called as::
+
+    factory(max_panels=..., embedding_dim=..., checkpoint=..., device=..., seed=..., **options)
+
+and returns an object following :class:`pipeline.model.protocol.PageModel`.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+BUILTIN: dict[str, str] = {
+    "tiny": "pipeline.model.tiny:build_tiny",
+    "pretrained": "pipeline.model.pretrained:build_pretrained",
+    "closure-lite-base": "pipeline.model.closure_base:build_closure_lite_base",
+}
+
+
+class ModelNotFound(ValueError):
+    """The name is neither built in nor an importable ``module:factory``."""
+
+
+def resolve_factory(name: str) -> Callable[..., Any]:
+    path = BUILTIN.get(name, name)
+    if ":" not in path:
+        raise ModelNotFound(
+            f"unknown model {name!r}: use one of {', '.join(BUILTIN)} or 'package.module:factory'"
+        )
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        if name in BUILTIN and not module_name.startswith(exc.name or "\0"):
+            raise ModelNotFound(f"model {name!r} needs a missing package: {exc}") from exc
+        raise ModelNotFound(f"cannot import model {name!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelNotFound(f"model {name!r}: {module_name} has no callable {attr!r}")
+    return factory
+
+
+def load_model(
+    name: str,
+    *,
+    max_panels: int = 12,
+    embedding_dim: int | None = None,
+    checkpoint: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    **options: Any,
+):
+    """Build a model ready for ``prepare``/``collate``/``forward`` on ``device``."""
+    factory = resolve_factory(name)
+    return factory(
+        max_panels=max_panels,
+        embedding_dim=embedding_dim,
+        checkpoint=checkpoint,
+        device=device,
+        seed=seed,
+        **options,
+    )

@@ -1,0 +1,41 @@
+"""A page as the model and the store see it, after validation.
+
+Manifests are parsed by :mod:`pipeline.inputs`; this module only holds the
+validated, capped result so that models and writers share one shape.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+TEXT_KINDS = ("dialogue", "narration", "sfx")
+
+
+@dataclass
+class Page:
+    """One page, panels capped to the store's panel cap.
+
+    ``boxes`` is float32 ``[n_kept, 4]`` (x, y, w, h in pixels, clipped to the
+    image), ``texts`` one string per kept panel (dialogue, narration and sfx
+    joined by newlines), ``n_panels`` the count before the cap.  Kept panels are
+    the first ``max_panels`` by ``order_index`` and stay in manifest order, so
+    the reading order is not given away by slot position.
+    """
+
+    page_id: str
+    image: Image.Image  # RGB
+    boxes: np.ndarray
+    texts: list[str]
+    n_panels: int
+    true_order: np.ndarray | None = None  # order_index of kept panels, for evaluation
+    meta: dict = field(default_factory=dict)  # source, series, volume, issue, page_num
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
