@@ -1,0 +1,346 @@
+"""The client side of a build: init, plan, submit a bounded window, finalise.
+
+Phases, each safe to repeat (bio2zarr style):
+
+1. **init** - read the page list (not the manifests), load the model on the
+   workers, then create the template or check that the existing store was made
+   with the same model, weights, panel cap, dimension, chunking and inputs.
+2. **partition** - list the finished-chunk index and plan only the rest.
+3. **run** - keep a few tasks per worker thread in flight, top up as they end.
+4. **finalise** - release the lock; report what is left.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import dask
+
+from . import __version__
+from .inputs import InputError, PageSource
+from .model.registry import BUILTIN, ModelNotFound, resolve_factory
+from .plan import default_chunk_pages, plan_build
+from .progress import Progress
+from .store import index as chunk_index
+from .store.debris import clean_debris
+from .store.location import StoreLocation
+from .store.lock import StoreLocked, WriterLock
+from .store.template import CODECS, EMBEDDING_DTYPES, StoreConfig, read_config, write_template
+from .tasks import run_chunk
+from .types import JobSpec, Receipt
+
+MODEL_FACTORY = "pipeline.model.registry:load_model"
+WINDOW_PER_THREAD = 2
+TASK_RETRIES = 2  # raised exceptions (I/O hiccups); worker deaths are bounded by allowed-failures
+
+
+class BuildError(RuntimeError):
+    """A build could not go on (exit code 1, one clear line)."""
+
+
+class BadArgument(ValueError):
+    """A bad argument or a store that does not match it (exit code 2, one clear line)."""
+
+
+@dataclass
+class BuildResult:
+    store: str
+    n_pages: int
+    done: int
+    failed: int
+    planned_pages: int
+    seconds: float
+    dashboard: str | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def pending(self) -> int:
+        return self.n_pages - self.done - self.failed
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.planned_pages / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.failed == 0 and self.pending == 0 else 3
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _validate(chunk_pages, batch_size, max_panels, workers, threads_per_worker, embedding_dtype, codec, device):
+    for name, value in (("--chunk-pages", chunk_pages), ("--batch-size", batch_size), ("--max-panels", max_panels),
+                        ("--workers", workers), ("--threads-per-worker", threads_per_worker)):
+        if value is not None and value <= 0:
+            raise BadArgument(f"{name} must be a positive number, got {value}")
+    if embedding_dtype not in EMBEDDING_DTYPES:
+        raise BadArgument(f"--embedding-dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {embedding_dtype!r}")
+    if codec not in CODECS:
+        raise BadArgument(f"--codec must be one of {', '.join(CODECS)}, got {codec!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise BadArgument(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+def _resolve_device(device: str, handle) -> str:
+    if device != "auto":
+        return device
+    return "cuda" if handle.gpu else "cpu"
+
+
+def _model_info(resident: str, factory: str, kwargs: dict) -> dict:
+    from cluster import get_resident
+
+    model = get_resident(resident, fallback=(factory, kwargs))
+    return asdict(model.info)
+
+
+def build(
+    pages: str,
+    out: str,
+    *,
+    image_root: str | None = None,
+    cluster: str = "local",
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    chunk_pages: int | None = None,
+    batch_size: int = 16,
+    max_panels: int = 12,
+    model: str = "tiny",
+    checkpoint: str | None = None,
+    embedding_dim: int | None = None,
+    model_options: dict | None = None,
+    device: str = "auto",
+    embedding_dtype: str = "float32",
+    codec: str = "zstd",
+    overwrite: bool = False,
+    init_only: bool = False,
+    retry_failed: bool = False,
+    verify: bool = False,
+    take_over_lock: bool = False,
+    storage_options: dict | None = None,
+    security=None,
+    dashboard_address: str = "127.0.0.1:0",
+    progress: bool = True,
+    seed: int = 0,
+) -> BuildResult:
+    """Build (or resume) the store ``out`` from the page list ``pages``."""
+    _validate(chunk_pages, batch_size, max_panels, workers, threads_per_worker, embedding_dtype, codec, device)
+    if checkpoint is not None and not os.path.isfile(checkpoint) and "://" not in checkpoint:
+        raise BadArgument(f"checkpoint not found: {checkpoint}")
+    try:
+        resolve_factory(model)
+    except ModelNotFound as exc:
+        raise BadArgument(str(exc)) from None
+    try:
+        source = PageSource(pages, storage_options)
+    except InputError as exc:
+        raise BadArgument(str(exc)) from None
+    loc = StoreLocation.of(out, storage_options)
+    n_pages = len(source)
+
+    existing = None
+    if loc.exists() and not overwrite:
+        try:
+            existing, _ = read_config(loc)
+        except Exception as exc:
+            raise BadArgument(f"{loc} exists but is not a pagecube store ({exc}); use --overwrite to replace it") from None
+        if chunk_pages is not None and chunk_pages != existing.chunk_pages:
+            raise BadArgument(f"store {loc} was made with --chunk-pages {existing.chunk_pages}, not {chunk_pages}; "
+                              "use --overwrite to start afresh")
+        chunk_pages = existing.chunk_pages
+        if existing.max_panels != max_panels:
+            raise BadArgument(f"store {loc} was made with --max-panels {existing.max_panels}, not {max_panels}; "
+                              "use --overwrite to start afresh")
+    chunk_pages = chunk_pages or default_chunk_pages(n_pages)
+
+    from cluster import install_resident, open_cluster
+
+    model_kwargs = {"name": model, "max_panels": max_panels, "embedding_dim": embedding_dim,
+                    "checkpoint": checkpoint, "seed": seed, **(model_options or {})}
+    t_start = time.monotonic()
+    with open_cluster(cluster, workers=workers, threads_per_worker=threads_per_worker, device=device,
+                      dashboard_address=dashboard_address, security=security) as handle:
+        dev = _resolve_device(device, handle)
+        model_kwargs["device"] = dev
+        if handle.dashboard_link:
+            _say(f"pagecube: Dask dashboard at {handle.dashboard_link}")
+        client = handle.client
+        if client is not None:
+            resident = install_resident(client, MODEL_FACTORY, model_kwargs)
+            resources = {"GPU": 1} if dev == "cuda" else None
+            info = client.submit(_model_info, resident, MODEL_FACTORY, model_kwargs, pure=False,
+                                 resources=resources).result()
+        else:
+            resident = "pagecube-model-sync"
+            resources = None
+            info = _model_info(resident, MODEL_FACTORY, model_kwargs)
+
+        config = StoreConfig(
+            n_pages=n_pages, chunk_pages=chunk_pages, max_panels=max_panels,
+            embedding_dim=int(info["embedding_dim"]), embedding_dtype=embedding_dtype,
+            model=info["name"], weights_digest=info["weights_digest"], input_digest=source.digest(),
+        )
+        if existing is not None:
+            diffs = config.differences(existing)
+            if existing.n_pages != n_pages:
+                diffs.insert(0, f"pages {existing.n_pages} (store) vs {n_pages} (this list)")
+            if diffs:
+                raise BadArgument(f"store {loc} was made with different settings: {'; '.join(diffs)}; "
+                                  "use --overwrite to start afresh (or a new --out)")
+
+        with WriterLock(loc, take_over=take_over_lock) as lock:
+            if lock.took_over_from:
+                _say(f"pagecube: took over the store lock from {lock.took_over_from}")
+            clean_debris(loc)
+            if existing is None:
+                if overwrite and loc.exists():
+                    chunk_index.clear(loc)
+                write_template(loc, config, {
+                    "model_weights_source": info["weights_source"],
+                    "pagecube_version": __version__,
+                    "inputs": os.fspath(pages),
+                    "title": "pagecube embedding store",
+                }, codec=codec)
+                _say(f"pagecube: created store {loc} for {n_pages} pages "
+                     f"({config.n_pages // chunk_pages + bool(n_pages % chunk_pages)} chunks of {chunk_pages})")
+            if init_only:
+                return BuildResult(str(loc), n_pages, 0, 0, 0, time.monotonic() - t_start, handle.dashboard_link)
+
+            entries = chunk_index.list_entries(loc)
+            complete = {c for c, e in entries.items() if not (retry_failed and e.failed)}
+            plan = plan_build(n_pages, chunk_pages, complete)
+            if plan.complete_chunks:
+                _say(f"pagecube: resuming: {plan.complete_chunks} of {plan.n_chunks} chunks already complete")
+            job = JobSpec(
+                store_url=loc.url, storage_options=loc.storage_options, run_id=lock.info.run_id,
+                n_pages=n_pages, chunk_pages=chunk_pages, max_panels=max_panels,
+                embedding_dim=config.embedding_dim, embedding_dtype=embedding_dtype,
+                model_resident=resident, model_factory=MODEL_FACTORY, model_kwargs=model_kwargs,
+                image_root=image_root, batch_size=batch_size, retry_failed=retry_failed, verify=verify,
+            )
+            already = sum(e.done for c, e in entries.items() if c in complete)
+            bar = Progress(plan.pages_planned, already_done=already, enabled=progress)
+            t_run = time.monotonic()
+            reasons: list[str] = []
+            try:
+                with _sigterm_as_interrupt():
+                    receipts = _run(plan, source, job, handle, resources, bar, reasons)
+            except KeyboardInterrupt:
+                bar.close()
+                _say(f"pagecube: interrupted; finished chunks are kept. Resume with the same command "
+                     f"(pagecube build {pages} --out {out})")
+                raise
+            finally:
+                bar.close()
+            seconds = time.monotonic() - t_run
+
+    entries = chunk_index.list_entries(loc)
+    done = sum(e.done for e in entries.values())
+    failed = sum(e.failed for e in entries.values())
+    del receipts
+    return BuildResult(str(loc), n_pages, done, failed, plan.pages_planned, seconds, handle.dashboard_link, reasons)
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM stops a build the same clean way as Ctrl-C."""
+
+    def __enter__(self):
+        self._old = None
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _take_receipt(receipt: Receipt, bar: Progress, reasons: list[str]) -> None:
+    if receipt.skipped:
+        bar.update(receipt.done, receipt.failed)
+        return
+    bar.update(receipt.done, receipt.failed)
+    for r in receipt.reasons:
+        if len(reasons) < 20:
+            reasons.append(f"pages [{receipt.start}, {receipt.stop}): {r}")
+
+
+def _run(plan, source, job, handle, resources, bar, reasons) -> list[Receipt]:
+    receipts: list[Receipt] = []
+    client = handle.client
+    if client is None:
+        for task in plan.tasks:
+            receipt = dask.delayed(run_chunk, pure=False)(task, source.slice(task.start, task.stop), job,
+                                                          dask_key_name=f"{task.key}-{job.run_id}").compute(
+                scheduler="sync")
+            receipts.append(receipt)
+            _take_receipt(receipt, bar, reasons)
+        return receipts
+
+    from distributed import as_completed
+
+    threads = max(1, sum(client.nthreads().values()))
+    window = max(2, WINDOW_PER_THREAD * threads)
+    todo = iter(plan.tasks)
+
+    def submit(task):
+        d = dask.delayed(run_chunk, pure=False)(task, source.slice(task.start, task.stop), job,
+                                                dask_key_name=f"{task.key}-{job.run_id}")
+        fut = client.compute(d, retries=TASK_RETRIES, resources=resources)
+        fut.pagecube_task = task
+        return fut
+
+    first = [submit(t) for _, t in zip(range(window), todo)]
+    ac = as_completed(first)
+    try:
+        for fut in ac:
+            task = fut.pagecube_task
+            try:
+                receipt = fut.result()
+            except Exception as exc:
+                receipt = _fail_range(job, task, f"task failed: {type(exc).__name__}: {exc}".splitlines()[0])
+            receipts.append(receipt)
+            _take_receipt(receipt, bar, reasons)
+            nxt = next(todo, None)
+            if nxt is not None:
+                ac.add(submit(nxt))
+    except BaseException:
+        client.cancel(list(ac.futures))
+        raise
+    return receipts
+
+
+def _fail_range(job: JobSpec, task, reason: str) -> Receipt:
+    """A task that kept failing (or killing workers): its unfinished pages become failed, with the reason."""
+    import numpy as np
+
+    from .store.schema import STATUS_DONE, STATUS_FAILED
+    from .store.writer import open_store_group
+
+    loc = StoreLocation(job.store_url, job.storage_options)
+    group = open_store_group(loc, job.run_id + "-client")
+    status = group["status"][task.start:task.stop]
+    todo = status != STATUS_DONE
+    error = group["error"][task.start:task.stop]
+    error[todo] = reason
+    status[todo] = STATUS_FAILED
+    group["error"][task.start:task.stop] = error
+    group["status"][task.start:task.stop] = status
+    done = int((status == STATUS_DONE).sum())
+    for offset in range(0, len(task), job.chunk_pages):
+        part = status[offset: offset + job.chunk_pages]
+        chunk_index.write_entry(loc, chunk_index.ChunkEntry(task.chunk + offset // job.chunk_pages,
+                                                            int((part == STATUS_DONE).sum()),
+                                                            int((part == STATUS_FAILED).sum())))
+    return Receipt(task.start, task.stop, done, int(todo.sum()), reasons=(reason,))

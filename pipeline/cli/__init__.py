@@ -1,0 +1,43 @@
+"""The ``pagecube`` command: one module per command, all calling the Python API.
+
+Exit codes: 0 all pages done; 3 the build finished but some pages failed;
+2 bad arguments; 1 any other error (one clear line on stderr).
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from .app import app
+from . import build as _build, inspect as _inspect, sample as _sample  # noqa: F401  (register commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..build import BadArgument
+
+    try:
+        app(args=argv, prog_name="pagecube", standalone_mode=False)
+        return 0
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        print("pagecube: interrupted", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except BadArgument as exc:
+        print(f"pagecube: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # one clear line, not a traceback
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"pagecube: error: {msg}", file=sys.stderr)
+        return 1
+
+
+def run() -> None:
+    sys.exit(main())

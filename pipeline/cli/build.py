@@ -1,0 +1,60 @@
+"""``pagecube build``: build or resume a store."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import typer
+
+from .app import app
+
+
+@app.command()
+def build(
+    pages: str = typer.Argument(..., help="A list file (one manifest per line), a glob, or a .jsonl catalog."),
+    out: str = typer.Option(..., "--out", "-o", help="The store (a local path or an fsspec URL such as s3://...)."),
+    image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder that relative image paths resolve against (default: each manifest's folder)."),
+    cluster: str = typer.Option("local", "--cluster", help="local | sync | tcp://HOST:PORT | tls://HOST:PORT | SPEC.yaml"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Workers for --cluster local (default: one per core, or one per GPU)."),
+    threads_per_worker: Optional[int] = typer.Option(None, "--threads-per-worker", help="Threads per local worker (default 1)."),
+    chunk_pages: Optional[int] = typer.Option(None, "--chunk-pages", help="Pages per store chunk and per task (default: up to 256, from the store when resuming)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Pages per model batch."),
+    max_panels: int = typer.Option(12, "--max-panels", help="Panel cap: panel slots per page."),
+    model: str = typer.Option("tiny", "--model", help="tiny | pretrained | closure-lite-base | package.module:factory"),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights file (.safetensors, or a torch state dict loaded with weights_only=True)."),
+    embedding_dim: Optional[int] = typer.Option(None, "--embedding-dim", help="Embedding dimension (default: the model's)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    embedding_dtype: str = typer.Option("float32", "--embedding-dtype", help="float32 | float16 storage for embeddings."),
+    codec: str = typer.Option("zstd", "--codec", help="zstd | lz4 | none, for the embedding arrays."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh, replacing an existing store."),
+    init_only: bool = typer.Option(False, "--init-only", help="Create the store template and stop."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Also redo chunks that hold failed pages."),
+    verify: bool = typer.Option(False, "--verify", help="Read every region back after writing it and compare."),
+    take_over_lock: bool = typer.Option(False, "--take-over-lock", help="Take the store's writer lock even if its holder may be alive."),
+    seed: int = typer.Option(0, "--seed", help="Seed for models built without a checkpoint."),
+    reading_direction: Optional[str] = typer.Option(None, "--reading-direction", help="ltr | rtl (manga), for models that order panels by geometry."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
+) -> None:
+    """Build the embedding store for PAGES into --out; resumes by default."""
+    from ..build import build as run_build
+
+    options = {}
+    if reading_direction is not None:
+        options["reading_direction"] = reading_direction
+    result = run_build(
+        pages, out, image_root=image_root, cluster=cluster, workers=workers,
+        threads_per_worker=threads_per_worker, chunk_pages=chunk_pages, batch_size=batch_size,
+        max_panels=max_panels, model=model, checkpoint=checkpoint, embedding_dim=embedding_dim,
+        model_options=options, device=device, embedding_dtype=embedding_dtype, codec=codec,
+        overwrite=overwrite, init_only=init_only, retry_failed=retry_failed, verify=verify,
+        take_over_lock=take_over_lock, seed=seed, progress=not no_progress,
+    )
+    if init_only:
+        print(f"initialised {result.store}: {result.n_pages} pages pending")
+        return
+    print(f"{result.store}: {result.done} done, {result.failed} failed, {result.pending} pending "
+          f"of {result.n_pages} pages ({result.pages_per_s:.1f} pages/s this run)")
+    for r in result.reasons[:5]:
+        print(f"  failed: {r}", file=sys.stderr)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)

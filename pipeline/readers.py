@@ -1,0 +1,168 @@
+"""Reading a store, at any moment of a build, from any process.
+
+Open afresh for each look (a loaded handle keeps returning old values).
+``status == 1`` marks complete pages; every other page may show fill values
+(NaN embeddings, empty text) because its region has not been written yet.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from .store import index as chunk_index
+from .store.location import StoreLocation, quiet_zarr_warnings
+from .store.lock import lock_state
+from .store.schema import STATUS_DONE
+
+RATE_WINDOW_CHUNKS = 64
+
+
+def open_store(store, storage_options: dict | None = None) -> xr.Dataset:
+    loc = StoreLocation.of(store, storage_options)
+    with quiet_zarr_warnings():
+        return xr.open_zarr(loc.zarr_store, consolidated=True)
+
+
+def open_pages(store, done_only: bool = True, storage_options: dict | None = None) -> xr.Dataset:
+    """The store as a Dataset; with ``done_only`` only pages whose ``status == 1``."""
+    ds = open_store(store, storage_options)
+    if not done_only:
+        return ds
+    keep = np.flatnonzero(ds["status"].values == STATUS_DONE)
+    return ds.isel(page=keep)
+
+
+def _group(loc: StoreLocation) -> zarr.Group:
+    with quiet_zarr_warnings():
+        return zarr.open_group(loc.zarr_store, mode="r", use_consolidated=True)
+
+
+def reason_kind(reason: str) -> str:
+    """Group failure reasons: paths and numbers stripped."""
+    text = re.sub(r"(\w+://|/)[^\s:]+", "<path>", reason)
+    text = re.sub(r"\[[^\]]*\]", "[..]", text)
+    return re.sub(r"\d+", "N", text)[:160]
+
+
+@dataclass
+class StoreStatus:
+    store: str
+    n_pages: int
+    chunk_pages: int
+    done: int
+    failed: int
+    pages_per_s: float | None
+    lock: str
+    failures: Counter = field(default_factory=Counter)
+    last_write: float | None = None
+
+    @property
+    def pending(self) -> int:
+        return self.n_pages - self.done - self.failed
+
+    @property
+    def eta_s(self) -> float | None:
+        if not self.pages_per_s or self.pending == 0:
+            return None
+        return self.pending / self.pages_per_s
+
+    def lines(self) -> list[str]:
+        pct = 100.0 * self.done / self.n_pages if self.n_pages else 100.0
+        out = [
+            f"store    {self.store}",
+            f"pages    {self.n_pages}  done {self.done} ({pct:.1f}%)  failed {self.failed}  pending {self.pending}",
+            f"writer   {self.lock}",
+        ]
+        if self.pages_per_s:
+            eta = self.eta_s
+            eta_txt = "-" if eta is None else f"{eta / 60:.1f} min"
+            out.append(f"rate     {self.pages_per_s:.1f} pages/s over the last chunks written; ETA {eta_txt}")
+        if self.last_write:
+            ago = time.time() - self.last_write
+            out.append(f"last     chunk written {ago:.0f}s ago")
+        if self.failures:
+            out.append("failures by reason:")
+            out.extend(f"  {n:>8}  {why}" for why, n in self.failures.most_common(10))
+        return out
+
+
+def store_status(store, storage_options: dict | None = None) -> StoreStatus:
+    """Counts from the finished-chunk index, rate from ``written_at`` of the latest chunks.
+
+    Reads one listing plus a few chunks, so it answers fast for 10^7 pages.
+    """
+    loc = StoreLocation.of(store, storage_options)
+    group = _group(loc)
+    n_pages = int(group["status"].shape[0])
+    chunk_pages = int(group.attrs["chunk_pages"])
+    entries = chunk_index.list_entries(loc, with_times=True)
+    done = sum(e.done for e in entries.values())
+    failed = sum(e.failed for e in entries.values())
+
+    failures: Counter = Counter()
+    error = group["error"]
+    for e in entries.values():
+        if e.failed:
+            start = e.chunk * chunk_pages
+            errs = error[start: start + chunk_pages]
+            failures.update(reason_kind(str(r)) for r in errs if str(r))
+
+    rate, last = None, None
+    timed = sorted((e for e in entries.values() if e.mtime is not None), key=lambda e: e.mtime)
+    if timed:
+        last = timed[-1].mtime
+        recent = timed[-RATE_WINDOW_CHUNKS:]
+        written = group["written_at"]
+        stamps = []
+        for e in recent:
+            start = e.chunk * chunk_pages
+            w = written[start: start + chunk_pages]
+            stamps.append(w[w != np.iinfo(np.int64).min])
+        stamps = np.concatenate(stamps) if stamps else np.array([], np.int64)
+        if len(stamps) > 1 and stamps.max() > stamps.min():
+            rate = float(len(stamps) / ((stamps.max() - stamps.min()) / 1000.0))
+    return StoreStatus(loc.url, n_pages, chunk_pages, done, failed, rate, lock_state(loc), failures, last)
+
+
+def page_summaries(store, *, max_pages: int = 5, text_len: int = 80, compact: bool = False,
+                   page_id: str | None = None, storage_options: dict | None = None) -> list[str]:
+    """The seed's page summaries: id, series, panels, embedding norm, panel text."""
+    ds = open_store(store, storage_options)
+    status = ds["status"].values
+    if page_id is not None:
+        ids = ds["page_id"].values
+        idx = np.flatnonzero(ids == page_id)
+        if len(idx) == 0:
+            raise KeyError(f"page id {page_id!r} is not in the store")
+        pages = idx[:1]
+    else:
+        pages = np.flatnonzero(status == STATUS_DONE)[:max_pages]
+    out = [f"{int((status == STATUS_DONE).sum())} of {len(status)} pages done"]
+    for i in pages:
+        p = ds.isel(page=int(i)).load()
+        mask = p["panel_mask"].values
+        n = int(mask.sum())
+        norm = float(np.linalg.norm(p["page_embeddings"].values)) if int(p["status"]) == STATUS_DONE else float("nan")
+        head = (f"page {int(i)}  id={p['page_id'].item()}  series={p['series'].item() or '-'}  "
+                f"panels={n}/{int(p['n_panels'])}  status={int(p['status'])}  |emb|={norm:.3f}")
+        if int(p["status"]) == 2:
+            head += f"  error={p['error'].item()}"
+        out.append(head)
+        if compact:
+            continue
+        order = p["reading_order"].values
+        att = p["attention_weights"].values
+        for slot in np.argsort(np.where(mask, order, 10**6)):
+            if not mask[slot]:
+                continue
+            text = " / ".join(str(p["text_content"].values[slot]).split("\n"))
+            if len(text) > text_len:
+                text = text[: text_len - 1] + "…"
+            out.append(f"    #{int(order[slot])} slot {int(slot)}  att={att[slot]:.3f}  {text}")
+    return out

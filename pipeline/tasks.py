@@ -1,0 +1,186 @@
+"""The task: one chunk-aligned page range, read -> model -> region write -> receipt.
+
+Runs on a Dask worker (or in-process for ``--cluster sync``).  The model is
+fetched from the worker, never shipped in the graph.  Pages are read and
+prepared in a thread pool while earlier batches run through the model.  The
+task is safe to run twice: the same pages give the same bytes, and a range
+whose pages are all finished is only re-indexed.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import numpy as np
+
+from .inputs import SliceSpec
+from .manifest import PageError, read_page
+from .store.index import ChunkEntry, write_entry
+from .store.location import StoreLocation
+from .store.schema import STATUS_DONE, STATUS_FAILED, empty_region
+from .store.writer import open_store_group, region_counts, verify_region, write_region
+from .types import ChunkTask, JobSpec, Receipt
+
+_io_pool: ThreadPoolExecutor | None = None
+MAX_REASONS = 5
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _io_pool
+    if _io_pool is None:
+        _io_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pagecube-read")
+    return _io_pool
+
+
+@contextmanager
+def _phase(seconds: dict, name: str):
+    """Time a phase for the receipt and for Dask's fine performance metrics."""
+    try:
+        from distributed.metrics import context_meter
+
+        meter = context_meter.meter(name)
+    except Exception:  # pragma: no cover - distributed missing
+        meter = None
+    t0 = time.perf_counter()
+    if meter is None:
+        yield
+    else:
+        with meter:
+            yield
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except Exception:
+        return f"pid-{os.getpid()}"
+
+
+def _get_model(job: JobSpec):
+    from cluster import get_resident
+
+    return get_resident(job.model_resident, fallback=(job.model_factory, job.model_kwargs))
+
+
+def _chunk_entries(status: np.ndarray, task: ChunkTask, chunk_pages: int) -> list[tuple[int, int, int, int]]:
+    """(chunk, done, failed, length) for each chunk of the task's range."""
+    out = []
+    for offset in range(0, len(task), chunk_pages):
+        part = status[offset: offset + chunk_pages]
+        done, failed = region_counts(part)
+        out.append((task.chunk + offset // chunk_pages, done, failed, len(part)))
+    return out
+
+
+def _index(loc: StoreLocation, before: np.ndarray, after: np.ndarray, task: ChunkTask, chunk_pages: int) -> None:
+    for (chunk, d0, f0, n), (_, d1, f1, _) in zip(_chunk_entries(before, task, chunk_pages),
+                                                    _chunk_entries(after, task, chunk_pages)):
+        if d1 + f1 == n:
+            previous = ChunkEntry(chunk, d0, f0) if d0 + f0 == n else None
+            write_entry(loc, ChunkEntry(chunk, d1, f1), previous)
+
+
+def _fill_page(region: dict, i: int, page, ref_label: str) -> None:
+    k = page.n_kept
+    region["page_id"][i] = page.page_id
+    for key in ("source", "series", "volume", "issue"):
+        region[key][i] = page.meta[key]
+    region["page_num"][i] = page.meta["page_num"]
+    region["n_panels"][i] = min(page.n_panels, np.iinfo(np.int16).max)
+    region["panel_coordinates"][i, :k] = page.boxes
+    region["text_content"][i, :k] = page.texts
+    region["panel_mask"][i, :k] = True
+
+
+def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
+    seconds: dict[str, float] = {}
+    loc = StoreLocation(job.store_url, job.storage_options)
+    group = open_store_group(loc, job.run_id)
+    start, stop = task.start, task.stop
+    before = group["status"][start:stop]
+    done0, failed0 = region_counts(before)
+    if done0 + failed0 == len(task) and not (job.retry_failed and failed0):
+        _index(loc, before, before, task, job.chunk_pages)
+        return Receipt(start, stop, done0, failed0, skipped=True, worker=_worker_name())
+
+    model = _get_model(job)
+    refs = source.refs()
+    if len(refs) != len(task):
+        raise RuntimeError(f"page list changed: expected {len(task)} pages for [{start}, {stop}), found {len(refs)}")
+
+    region = empty_region(len(task), job.max_panels, job.embedding_dim, job.embedding_dtype)
+    region["manifest_path"][:] = [r.label for r in refs]
+    reasons: list[str] = []
+
+    def fail(i: int, reason: str) -> None:
+        region["status"][i] = STATUS_FAILED
+        region["error"][i] = reason
+        if len(reasons) < MAX_REASONS:
+            reasons.append(reason)
+
+    def load(ref):
+        try:
+            page = read_page(ref, max_panels=job.max_panels, image_root=job.image_root,
+                             storage_options=job.storage_options)
+            return page, model.prepare(page), None
+        except PageError as exc:
+            return None, None, str(exc)
+        except Exception as exc:  # a bad page must never fail its chunk
+            return None, None, f"{type(exc).__name__}: {exc}"
+
+    def run_batch(items: list[tuple[int, object, object]]) -> None:
+        with _phase(seconds, "inference"):
+            try:
+                outs = model.forward(model.collate([p for _, _, p in items]))
+                results = [(i, page, {k: v[j] for k, v in outs.items()}) for j, (i, page, _) in enumerate(items)]
+            except Exception:
+                if len(items) == 1:
+                    i, _, _ = items[0]
+                    import traceback
+
+                    fail(i, "model failed on this page: " + traceback.format_exc(limit=1).strip().splitlines()[-1])
+                    return
+                for item in items:  # isolate the page that breaks the batch
+                    run_batch([item])
+                return
+        for i, page, out in results:
+            _fill_page(region, i, page, refs[i].label)
+            region["page_embeddings"][i] = out["page_embeddings"]
+            region["panel_embeddings"][i] = out["panel_embeddings"]
+            region["attention_weights"][i] = out["attention_weights"]
+            region["reading_order"][i] = out["reading_order"]
+            region["status"][i] = STATUS_DONE
+
+    pending: list[tuple[int, object, object]] = []
+    t_read = time.perf_counter()
+    for i, (page, prepared, reason) in enumerate(_pool(job.io_threads).map(load, refs)):
+        if reason is not None:
+            fail(i, reason)
+            continue
+        pending.append((i, page, prepared))
+        if len(pending) >= job.batch_size:
+            run_batch(pending)
+            pending = []
+    if pending:
+        run_batch(pending)
+    seconds["read"] = time.perf_counter() - t_read - seconds.get("inference", 0.0)
+
+    now = np.datetime64(_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None), "ms").astype(np.int64)
+    region["written_at"][:] = now
+    with _phase(seconds, "write"):
+        write_region(group, region, start, stop, job.chunk_pages)
+    if job.verify:
+        with _phase(seconds, "verify"):
+            bad = verify_region(group, region, start, stop)
+        if bad:
+            raise RuntimeError(f"verify: pages [{start}, {stop}) read back different {', '.join(bad)}")
+    _index(loc, before, region["status"], task, job.chunk_pages)
+    done, failed = region_counts(region["status"])
+    return Receipt(start, stop, done, failed, seconds=seconds, worker=_worker_name(),
+                   device=getattr(model, "device", ""), reasons=tuple(reasons))
