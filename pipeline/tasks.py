@@ -98,6 +98,14 @@ def _fill_page(region: dict, i: int, page, ref_label: str) -> None:
     region["panel_mask"][i, :k] = True
 
 
+def _keep_done(group, region: dict, keep: np.ndarray, start: int, stop: int) -> None:
+    """Copy the stored rows of pages already done into ``region``, so rewriting the chunk keeps them
+    unchanged (data and ``written_at``) while the chunk's other pages are (re)computed."""
+    for name, arr in region.items():
+        stored = group[name][start:stop]
+        arr[keep] = stored[keep]
+
+
 def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
     seconds: dict[str, float] = {}
     loc = StoreLocation(job.store_url, job.storage_options)
@@ -115,6 +123,9 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
         raise RuntimeError(f"page list changed: expected {len(task)} pages for [{start}, {stop}), found {len(refs)}")
 
     region = empty_region(len(task), job.max_panels, job.embedding_dim, job.embedding_dtype)
+    keep = before == STATUS_DONE  # finished earlier (grown store, --retry-failed): kept byte for byte
+    if keep.any():
+        _keep_done(group, region, keep, start, stop)
     region["manifest_path"][:] = [r.label for r in refs]
     reasons: list[str] = []
 
@@ -159,7 +170,9 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
 
     pending: list[tuple[int, object, object]] = []
     t_read = time.perf_counter()
-    for i, (page, prepared, reason) in enumerate(_pool(job.io_threads).map(load, refs)):
+    todo = np.flatnonzero(~keep)
+    for i, (page, prepared, reason) in zip(todo, _pool(job.io_threads).map(load, [refs[i] for i in todo])):
+        i = int(i)
         if reason is not None:
             fail(i, reason)
             continue
@@ -172,7 +185,7 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
     seconds["read"] = time.perf_counter() - t_read - seconds.get("inference", 0.0)
 
     now = np.datetime64(_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None), "ms").astype(np.int64)
-    region["written_at"][:] = now
+    region["written_at"][~keep] = now
     with _phase(seconds, "write"):
         write_region(group, region, start, stop, job.chunk_pages)
     if job.verify:
