@@ -78,7 +78,7 @@ class SliceSpec:
     byte_range: tuple[int, int] = (0, 0)
     first_index: int = 0
     paths: tuple[str, ...] = ()
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # may hold keys: never printed
 
     def refs(self) -> list[PageRef]:
         if self.kind == "paths":

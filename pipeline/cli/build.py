@@ -34,9 +34,16 @@ def build(
     seed: int = typer.Option(0, "--seed", help="Seed for models built without a checkpoint."),
     reading_direction: Optional[str] = typer.Option(None, "--reading-direction", help="ltr | rtl (manga), for models that order panels by geometry."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options for s3:// and other URLs, as a JSON object or @FILE (credentials: prefer the AWS_* environment)."),
 ) -> None:
     """Build the embedding store for PAGES into --out; resumes by default."""
-    from ..build import build as run_build
+    from ..build import BadArgument, build as run_build
+    from ..store.location import parse_storage_options
+
+    try:
+        so = parse_storage_options(storage_options)
+    except ValueError as exc:
+        raise BadArgument(str(exc)) from None
 
     options = {}
     if reading_direction is not None:
@@ -47,7 +54,7 @@ def build(
         max_panels=max_panels, model=model, checkpoint=checkpoint, embedding_dim=embedding_dim,
         model_options=options, device=device, embedding_dtype=embedding_dtype, codec=codec,
         overwrite=overwrite, init_only=init_only, retry_failed=retry_failed, verify=verify,
-        take_over_lock=take_over_lock, seed=seed, progress=not no_progress,
+        take_over_lock=take_over_lock, seed=seed, progress=not no_progress, storage_options=so,
     )
     if init_only:
         print(f"initialised {result.store}: {result.n_pages} pages pending")
