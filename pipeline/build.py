@@ -26,6 +26,7 @@ from .plan import default_chunk_pages, plan_build
 from .progress import Progress
 from .store import index as chunk_index
 from .store.debris import clean_debris
+from .store.grow import grow_store
 from .store.location import StoreLocation
 from .store.lock import StoreLocked, WriterLock
 from .store.template import CODECS, EMBEDDING_DTYPES, StoreConfig, read_config, write_template
@@ -35,6 +36,15 @@ from .types import JobSpec, Receipt
 MODEL_FACTORY = "pipeline.model.registry:load_model"
 WINDOW_PER_THREAD = 2
 TASK_RETRIES = 2  # raised exceptions (I/O hiccups); worker deaths are bounded by allowed-failures
+#: How many worker deaths one task may be caught in before it is given up (Dask's
+#: ``distributed.scheduler.allowed-failures``; its default is also 3).  A worker lost to a
+#: preemption or an OOM kill takes its tasks with it: they rerun elsewhere, safe because tasks
+#: are idempotent.  A task whose pages crash every process that runs them (a native-library
+#: crash, a page that exhausts memory) would otherwise kill workers for ever: after
+#: ALLOWED_FAILURES + 1 deaths it ends with ``KilledWorker`` and its unfinished pages are
+#: marked failed with that reason (``_fail_range``), so the build ends.  Applied to clusters
+#: this process starts (local); a remote scheduler uses its own configuration.
+ALLOWED_FAILURES = 3
 
 
 class BuildError(RuntimeError):
@@ -130,8 +140,8 @@ def build(
 ) -> BuildResult:
     """Build (or resume) the store ``out`` from the page list ``pages``."""
     _validate(chunk_pages, batch_size, max_panels, workers, threads_per_worker, embedding_dtype, codec, device)
-    if checkpoint is not None and not os.path.isfile(checkpoint) and "://" not in checkpoint:
-        raise BadArgument(f"checkpoint not found: {checkpoint}")
+    if checkpoint is not None and "://" not in checkpoint:
+        _check_readable(checkpoint)
     try:
         resolve_factory(model)
     except ModelNotFound as exc:
@@ -144,6 +154,7 @@ def build(
     n_pages = len(source)
 
     existing = None
+    grow_from = 0
     if loc.exists() and not overwrite:
         try:
             existing, _ = read_config(loc)
@@ -156,6 +167,7 @@ def build(
         if existing.max_panels != max_panels:
             raise BadArgument(f"store {loc} was made with --max-panels {existing.max_panels}, not {max_panels}; "
                               "use --overwrite to start afresh")
+        grow_from = _growth(loc, existing, source)
     chunk_pages = chunk_pages or default_chunk_pages(n_pages)
 
     from cluster import install_resident, open_cluster
@@ -163,22 +175,26 @@ def build(
     model_kwargs = {"name": model, "max_panels": max_panels, "embedding_dim": embedding_dim,
                     "checkpoint": checkpoint, "seed": seed, **(model_options or {})}
     t_start = time.monotonic()
-    with open_cluster(cluster, workers=workers, threads_per_worker=threads_per_worker, device=device,
-                      dashboard_address=dashboard_address, security=security) as handle:
+    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}), \
+            open_cluster(cluster, workers=workers, threads_per_worker=threads_per_worker, device=device,
+                         dashboard_address=dashboard_address, security=security) as handle:
         dev = _resolve_device(device, handle)
         model_kwargs["device"] = dev
         if handle.dashboard_link:
             _say(f"pagecube: Dask dashboard at {handle.dashboard_link}")
         client = handle.client
-        if client is not None:
-            resident = install_resident(client, MODEL_FACTORY, model_kwargs)
-            resources = {"GPU": 1} if dev == "cuda" else None
-            info = client.submit(_model_info, resident, MODEL_FACTORY, model_kwargs, pure=False,
-                                 resources=resources).result()
-        else:
-            resident = "pagecube-model-sync"
-            resources = None
-            info = _model_info(resident, MODEL_FACTORY, model_kwargs)
+        try:
+            if client is not None:
+                resident = install_resident(client, MODEL_FACTORY, model_kwargs)
+                resources = {"GPU": 1} if dev == "cuda" else None
+                info = client.submit(_model_info, resident, MODEL_FACTORY, model_kwargs, pure=False,
+                                     resources=resources).result()
+            else:
+                resident = "pagecube-model-sync"
+                resources = None
+                info = _model_info(resident, MODEL_FACTORY, model_kwargs)
+        except Exception as exc:
+            _model_load_failed(exc, model, checkpoint)
 
         config = StoreConfig(
             n_pages=n_pages, chunk_pages=chunk_pages, max_panels=max_panels,
@@ -186,9 +202,8 @@ def build(
             model=info["name"], weights_digest=info["weights_digest"], input_digest=source.digest(),
         )
         if existing is not None:
-            diffs = config.differences(existing)
-            if existing.n_pages != n_pages:
-                diffs.insert(0, f"pages {existing.n_pages} (store) vs {n_pages} (this list)")
+            # the page list (n_pages, input_digest) was checked by _growth: same list, or appended to
+            diffs = config.differences(existing, ignore=("n_pages", "input_digest"))
             if diffs:
                 raise BadArgument(f"store {loc} was made with different settings: {'; '.join(diffs)}; "
                                   "use --overwrite to start afresh (or a new --out)")
@@ -197,6 +212,9 @@ def build(
             if lock.took_over_from:
                 _say(f"pagecube: took over the store lock from {lock.took_over_from}")
             clean_debris(loc)
+            if grow_from:
+                grow_store(loc, n_pages, config.input_digest, chunk_pages, grow_from)
+                _say(f"pagecube: grew store {loc} from {grow_from} to {n_pages} pages")
             if existing is None:
                 if overwrite and loc.exists():
                     chunk_index.clear(loc)
@@ -309,7 +327,7 @@ def _run(plan, source, job, handle, resources, bar, reasons) -> list[Receipt]:
             try:
                 receipt = fut.result()
             except Exception as exc:
-                receipt = _fail_range(job, task, f"task failed: {type(exc).__name__}: {exc}".splitlines()[0])
+                receipt = _fail_range(job, task, _task_failure(exc, task))
             receipts.append(receipt)
             _take_receipt(receipt, bar, reasons)
             nxt = next(todo, None)
@@ -319,6 +337,54 @@ def _run(plan, source, job, handle, resources, bar, reasons) -> list[Receipt]:
         client.cancel(list(ac.futures))
         raise
     return receipts
+
+
+def _check_readable(checkpoint: str) -> None:
+    if not os.path.isfile(checkpoint):
+        raise BadArgument(f"checkpoint not found: {checkpoint}")
+    try:
+        with open(checkpoint, "rb") as f:
+            head = f.read(1)
+    except OSError as exc:
+        raise BadArgument(f"cannot read checkpoint {checkpoint}: {exc.strerror or exc}") from None
+    if not head:
+        raise BadArgument(f"checkpoint {checkpoint} is empty")
+
+
+def _model_load_failed(exc: BaseException, model: str, checkpoint: str | None):
+    """One clear line for a model that did not load on the workers (a refused checkpoint is a bad argument)."""
+    msg = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    if type(exc).__name__ == "CheckpointError" or "CheckpointError:" in msg:
+        tail = msg.split("CheckpointError:", 1)[-1].strip()
+        raise BadArgument(f"--checkpoint refused: {tail}") from None
+    raise BuildError(f"model {model!r} could not be loaded: {msg}") from None
+
+
+def _growth(loc: StoreLocation, existing: StoreConfig, source: PageSource) -> int:
+    """Old page count when the store may grow to ``source`` (its list is a prefix of the new one), else 0.
+
+    A list that changed in any other way is refused here with one line.
+    """
+    n_old, n_new = existing.n_pages, len(source)
+    full = source.digest()
+    if n_new == n_old:
+        if existing.input_digest != full:
+            raise BadArgument(f"the page list changed since store {loc} was made (same length, different "
+                              "entries); only appending pages at the end is supported: use --overwrite or a new --out")
+        return 0
+    # the second form: a growth interrupted after the new digest was written but before re-consolidation
+    if n_new > n_old and existing.input_digest in (source.digest(n_old), full):
+        return n_old
+    what = "is shorter than" if n_new < n_old else "does not start with"
+    raise BadArgument(f"the page list ({n_new} pages) {what} the {n_old} pages store {loc} was built from; "
+                      "only appending pages at the end is supported: use --overwrite or a new --out")
+
+
+def _task_failure(exc: BaseException, task) -> str:
+    if type(exc).__name__ == "KilledWorker":
+        return (f"worker processes died {ALLOWED_FAILURES + 1} times while running pages [{task.start}, {task.stop}) "
+                "(a page may crash or exhaust the worker); not retried further")
+    return f"task failed: {type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def _fail_range(job: JobSpec, task, reason: str) -> Receipt:
