@@ -18,7 +18,9 @@ are kept exactly at the default 384), unit normalised, weighted
 (``text_weight``, ``image_weight``, ``geometry_weight``) and summed; the panel
 embedding is the normalised sum.  Attention weights are a softmax (temperature
 ``attention_temperature``) of each panel's cosine to the page's mean panel, and
-the page embedding is the normalised attention-weighted sum.  A page without
+the page embedding is the normalised attention-weighted sum; panels with text
+get ``text_attention_bonus`` added to their logit (dialogue carries most of
+what a page is about).  A page without
 panels is embedded from its whole image.  Reading order comes from the panel
 boxes alone by a recursive X-Y cut (rows top to bottom, then panels left to
 right for ``reading_direction="ltr"``, right to left for ``"rtl"``, manga).
@@ -188,9 +190,10 @@ def _projection(gen: torch.Generator, fan_in: int, dim: int) -> torch.Tensor:
 
 
 class PretrainedEncoder(torch.nn.Module):
-    def __init__(self, dim: int, seed: int, weights: tuple[float, float, float], temperature: float):
+    def __init__(self, dim: int, seed: int, weights: tuple[float, float, float], temperature: float,
+                 text_bonus: float):
         super().__init__()
-        self.vision = efficientnet.load_efficientnet_lite0()
+        self.vision = efficientnet.load_efficientnet_lite0().to(memory_format=torch.channels_last)
         self.text = minilm.load_minilm()
         gen = torch.Generator().manual_seed(int(seed))
         self.register_buffer("vision_mean", _relu6_mean(self.vision._bn1))
@@ -200,13 +203,21 @@ class PretrainedEncoder(torch.nn.Module):
         self.register_buffer("geo_centre", _GEOMETRY_CENTRE.clone())
         self.register_buffer("mix", torch.tensor(weights, dtype=torch.float32))
         self.temperature = float(temperature)
+        self.text_bonus = float(text_bonus)
         self.dim = dim
         self.eval()
 
-    def image_part(self, crops: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, S, S, 3] -> unit [N, D]."""
-        x = crops.permute(0, 3, 1, 2).float().sub_(efficientnet.INPUT_MEAN).div_(efficientnet.INPUT_STD)
-        feats = self.vision.features(x).float() - self.vision_mean
+    def image_part(self, crops: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """uint8 [N, S, S, 3] -> unit [N, D]; channels-last chunks of 16 run fastest on CPU."""
+        feats = []
+        for i in range(0, crops.shape[0], chunk):
+            x = crops[i : i + chunk].permute(0, 3, 1, 2).float()
+            x = x.sub_(efficientnet.INPUT_MEAN).div_(efficientnet.INPUT_STD).contiguous(
+                memory_format=torch.channels_last)
+            feats.append(self.vision.features(x).float())
+        if not feats:
+            return torch.zeros(0, self.dim, device=crops.device)
+        feats = torch.cat(feats) - self.vision_mean
         return F.normalize(feats @ self.proj_v, dim=-1)
 
     def text_part(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -322,7 +333,10 @@ class PretrainedModel:
             # attention: similarity of each panel to the page's mean panel
             mean = F.normalize((panels * mask.unsqueeze(-1)).sum(1), dim=-1)
             sim = (panels * mean.unsqueeze(1)).sum(-1)
-            weights = masked_softmax(sim / m.temperature, mask, dim=-1)
+            has_text = torch.zeros(b * p, dtype=torch.bool, device=mask.device)
+            has_text[t["text_slots"]] = True
+            scores = sim / m.temperature + m.text_bonus * has_text.reshape(b, p)
+            weights = masked_softmax(scores, mask, dim=-1)
             page = F.normalize((weights.unsqueeze(-1) * panels).sum(1), dim=-1)
             if t["empty_pages"].numel():
                 full = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=mask.device)
@@ -356,6 +370,7 @@ def build_pretrained(
     image_weight: float = 0.6,
     geometry_weight: float = 0.3,
     attention_temperature: float = 0.1,
+    text_attention_bonus: float = 1.0,
     **options,
 ) -> PretrainedModel:
     """Factory for ``--model pretrained`` (see :mod:`pipeline.model.registry`)."""
@@ -372,7 +387,8 @@ def build_pretrained(
     if attention_temperature <= 0:
         raise ValueError("attention_temperature must be > 0")
     dim = int(embedding_dim or DEFAULT_DIM)
-    module = PretrainedEncoder(dim, seed, (text_weight, image_weight, geometry_weight), attention_temperature)
+    module = PretrainedEncoder(dim, seed, (text_weight, image_weight, geometry_weight), attention_temperature,
+                               text_attention_bonus)
     settings = {
         "reading_direction": reading_direction,
         "crop_size": int(crop_size),
@@ -380,6 +396,7 @@ def build_pretrained(
         "image_weight": float(image_weight),
         "geometry_weight": float(geometry_weight),
         "attention_temperature": float(attention_temperature),
+        "text_attention_bonus": float(text_attention_bonus),
     }
     info = ModelInfo(
         name="pretrained",
