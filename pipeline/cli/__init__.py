@@ -12,6 +12,7 @@ import typer
 
 from .app import app
 from . import build as _build, inspect as _inspect, sample as _sample  # noqa: F401  (register commands)
+from . import show as _show  # noqa: F401,E402  (pagecube show)
 
 
 def main(argv: list[str] | None = None) -> int:
