@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..build import BadArgument
 
     try:
-        app(args=argv, prog_name="pagecube", standalone_mode=False)
-        return 0
+        rc = app(args=argv, prog_name="pagecube", standalone_mode=False)
+        return rc if isinstance(rc, int) else 0  # click returns typer.Exit's code when not standalone
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
