@@ -38,7 +38,8 @@ class PageError(Exception):
 
 
 def clean_text(s: str) -> str:
-    s = s.encode("utf-8", errors="replace").decode("utf-8")  # lone surrogates -> '?'
+    # lone surrogates (JSON "\ud800" escapes) -> U+FFFD; valid pairs were already joined by json
+    s = s.encode("utf-16-le", errors="surrogatepass").decode("utf-16-le", errors="replace")
     return s if len(s) <= MAX_TEXT_CHARS else s[: MAX_TEXT_CHARS - 1] + "…"
 
 

@@ -15,20 +15,26 @@ from . import build as _build, inspect as _inspect, sample as _sample  # noqa: F
 from . import show as _show  # noqa: F401,E402  (pagecube show)
 
 
+def _click(name: str) -> tuple:
+    """The click exception class ``name``, and typer's vendored copy of it (typer >= 0.2x bundles click)."""
+    mods = [click.exceptions, sys.modules.get("typer._click.exceptions")]
+    return tuple({getattr(m, name) for m in mods if m is not None and hasattr(m, name)})
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..build import BadArgument
 
     try:
         rc = app(args=argv, prog_name="pagecube", standalone_mode=False)
         return rc if isinstance(rc, int) else 0  # click returns typer.Exit's code when not standalone
-    except click.exceptions.Exit as exc:
+    except _click("Exit") as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _click("Abort"):
         print("pagecube: interrupted", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         return 130
-    except click.ClickException as exc:
+    except _click("ClickException") as exc:
         exc.show()
         return 2
     except BadArgument as exc:
