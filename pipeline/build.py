@@ -142,6 +142,7 @@ def build(
     _validate(chunk_pages, batch_size, max_panels, workers, threads_per_worker, embedding_dtype, codec, device)
     if checkpoint is not None and "://" not in checkpoint:
         _check_readable(checkpoint)
+    _check_cluster_target(cluster)
     try:
         resolve_factory(model)
     except ModelNotFound as exc:
@@ -337,6 +338,21 @@ def _run(plan, source, job, handle, resources, bar, reasons) -> list[Receipt]:
         client.cancel(list(ac.futures))
         raise
     return receipts
+
+
+def _check_cluster_target(cluster) -> None:
+    from cluster.targets import VALID_TARGETS
+
+    target = os.fspath(cluster) if isinstance(cluster, (str, os.PathLike)) else None
+    if target is None:
+        raise BadArgument(f"--cluster must be one of: {VALID_TARGETS}")
+    if target in ("local", "sync") or target.startswith(("tcp://", "tls://")):
+        return
+    if target.endswith((".yaml", ".yml")) or os.path.isfile(target):
+        if not os.path.isfile(target):
+            raise BadArgument(f"cluster spec not found: {target}")
+        return
+    raise BadArgument(f"unknown --cluster {target!r}; use one of: {VALID_TARGETS}")
 
 
 def _check_readable(checkpoint: str) -> None:
