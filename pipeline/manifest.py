@@ -10,7 +10,17 @@ handled rather than failed (documented in the README):
   differs from the image scales the boxes to the image;
 - text items that are numbers are turned into strings, text longer than
   ``MAX_TEXT_CHARS`` per panel is cut, invalid UTF-8 and lone surrogates become
-  U+FFFD; grayscale, CMYK, palette and alpha images are converted to RGB.
+  U+FFFD; grayscale, CMYK, palette and alpha images are converted to RGB
+  (alpha composited on white);
+- duplicate page ids: every page is built (the page axis is the order of the
+  list and ``page_id`` is metadata); lookups by id take the first match.
+
+Failed (``status == 2``, reason in ``error``): manifest missing, not JSON, not
+a JSON object, missing or mistyped fields (text that is not a string or a
+number included); image missing, truncated, corrupt, not an image, or over
+``MAX_IMAGE_PIXELS`` (checked from the header before decoding, so a
+decompression bomb costs nothing); a panel box with a non-finite value, zero or
+negative size, or entirely outside the image.
 """
 from __future__ import annotations
 
