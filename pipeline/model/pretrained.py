@@ -249,6 +249,19 @@ class PretrainedModel:
         self.crop_size = crop_size
         self.reading_direction = reading_direction
 
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Unit float32 ``[N, D]``: each text as a panel's text part, in the space of ``page_embeddings``.
+
+        For text queries against a store this model built (``pagecube similar --text``).
+        """
+        seqs = minilm.tokenize(self.tokenizer, [str(t) for t in texts])
+        if not seqs:
+            return np.zeros((0, self.info.embedding_dim), dtype=np.float32)
+        ids, mask = minilm.pad_ids(seqs)
+        with torch.inference_mode():
+            out = self.module.text_part(ids.to(self.device), mask.to(self.device))
+        return out.float().cpu().numpy()
+
     # CPU, per page, thread-safe
     def prepare(self, page) -> PretrainedPrepared:
         image = page.image if page.image.mode == "RGB" else page.image.convert("RGB")
