@@ -148,3 +148,16 @@ def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = No
             raise AssertionError(f"process ended (exit {proc.returncode}) before {what}\n{out}\n{err}")
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def run(*args) -> tuple[int, str, str]:
+    """``pagecube ARGS`` in this process (fast: no interpreter start); returns (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
