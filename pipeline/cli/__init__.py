@@ -13,6 +13,8 @@ import typer
 from .app import app
 from . import build as _build, inspect as _inspect, sample as _sample  # noqa: F401  (register commands)
 from . import show as _show  # noqa: F401,E402  (pagecube show)
+from . import similar as _similar  # noqa: F401,E402  (pagecube similar)
+from . import diagnose as _diagnose  # noqa: F401,E402  (pagecube diagnose)
 
 
 def _click(name: str) -> tuple:
