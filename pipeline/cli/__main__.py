@@ -1,0 +1,4 @@
+"""``python -m pipeline.cli`` is the ``pagecube`` command."""
+from . import run
+
+run()

@@ -1,0 +1,49 @@
+"""Shared fixtures: sample pages made once per session, and a CLI runner."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "pipeline.cli"]
+
+
+@pytest.fixture(scope="session")
+def sample200(tmp_path_factory) -> Path:
+    """200 synthetic pages; returns the path of pages.txt."""
+    from pipeline.sample import make_sample
+
+    return make_sample(tmp_path_factory.mktemp("sample200"), 200, seed=7)
+
+
+@pytest.fixture(scope="session")
+def sample40(tmp_path_factory) -> Path:
+    from pipeline.sample import make_sample
+
+    return make_sample(tmp_path_factory.mktemp("sample40"), 40, seed=3)
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + str(ROOT / "tests") + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args, env: dict | None = None, timeout: float = 240, check: int | None = None):
+    """Run ``pagecube ARGS`` in a subprocess; return the CompletedProcess."""
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+                          env=cli_env(env), cwd=ROOT)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def manifests(pages_txt: Path) -> list[dict]:
+    base = pages_txt.parent
+    return [json.loads((base / line.strip()).read_text()) for line in pages_txt.read_text().splitlines() if line.strip()]

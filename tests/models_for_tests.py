@@ -1,0 +1,42 @@
+"""User models reached by ``module:factory`` path in tests (the real plug-in route).
+
+``counting_tiny`` appends the loading process id to ``$PAGECUBE_TEST_LOADLOG``
+so a test can count loads per worker process; ``slow_tiny`` sleeps in each
+forward so that a build lasts long enough to be watched or killed.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from pipeline.model.tiny import build_tiny
+
+
+def counting_tiny(**kwargs):
+    log = os.environ.get("PAGECUBE_TEST_LOADLOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+    return build_tiny(**kwargs)
+
+
+class _Slow:
+    def __init__(self, inner, delay):
+        self.inner, self.delay = inner, delay
+        self.info, self.device = inner.info, inner.device
+
+    def prepare(self, page):
+        return self.inner.prepare(page)
+
+    def collate(self, prepared):
+        return self.inner.collate(prepared)
+
+    def forward(self, batch):
+        time.sleep(self.delay)
+        return self.inner.forward(batch)
+
+
+def slow_tiny(**kwargs):
+    delay = float(os.environ.get("PAGECUBE_TEST_DELAY", "0.2"))
+    inner = counting_tiny(**kwargs)
+    return _Slow(inner, delay)

@@ -1,0 +1,220 @@
+"""The core build (issue 2): distributed equals in-process, the store reads back right,
+the model loads once per worker, readers see progress mid-run, kills resume, mismatches are refused."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import pipeline
+from conftest import CLI, ROOT, manifests, run_cli, cli_env
+from pipeline.store.schema import STATUS_DONE
+
+MODEL_VARS = ("page_embeddings", "panel_embeddings", "attention_weights", "reading_order")
+
+
+@pytest.fixture(scope="module")
+def built_pair(sample200, tmp_path_factory):
+    """The same 200 pages built on a LocalCluster of 2 workers and with --cluster sync."""
+    tmp = tmp_path_factory.mktemp("pair")
+    loadlog = tmp / "loads.txt"
+    os.environ["PAGECUBE_TEST_LOADLOG"] = str(loadlog)
+    try:
+        local = pipeline.build(str(sample200), str(tmp / "local.zarr"), cluster="local", workers=2,
+                               threads_per_worker=1, model="models_for_tests:counting_tiny", progress=False)
+    finally:
+        del os.environ["PAGECUBE_TEST_LOADLOG"]
+    sync = pipeline.build(str(sample200), str(tmp / "sync.zarr"), cluster="sync", progress=False)
+    return local, sync, loadlog
+
+
+def test_local_build_equals_sync_build(built_pair):
+    local, sync, _ = built_pair
+    assert local.exit_code == 0 and sync.exit_code == 0
+    a = xr.open_zarr(local.store)
+    b = xr.open_zarr(sync.store)
+    assert (a["status"].values == STATUS_DONE).all()
+    assert (b["status"].values == STATUS_DONE).all()
+    for name in MODEL_VARS:
+        np.testing.assert_allclose(a[name].values.astype(np.float64), b[name].values.astype(np.float64),
+                                   atol=1e-5, err_msg=name)
+
+
+def test_model_loaded_once_per_worker_process(built_pair):
+    _, _, loadlog = built_pair
+    pids = loadlog.read_text().split()
+    assert len(pids) == 2, pids  # two workers, one load each
+    assert len(set(pids)) == 2
+    assert str(os.getpid()) not in pids  # never loaded on the client
+
+
+def test_store_matches_manifests(built_pair, sample200):
+    local, _, _ = built_pair
+    ds = xr.open_zarr(local.store).load()
+    cap = ds.sizes["panel"]
+    assert cap == 12 and ds.sizes["page"] == 200
+    for i, m in enumerate(manifests(sample200)):
+        panels = m["panels"]
+        keep = sorted(sorted(range(len(panels)), key=lambda j: panels[j]["order_index"])[:cap])
+        assert ds["page_id"].values[i] == m["page_id"]
+        assert int(ds["n_panels"].values[i]) == len(panels)
+        assert ds["series"].values[i] == m["series"] and int(ds["page_num"].values[i]) == m["page_num"]
+        mask = ds["panel_mask"].values[i]
+        assert mask.sum() == len(keep) and mask[: len(keep)].all()
+        np.testing.assert_array_equal(ds["panel_coordinates"].values[i, : len(keep)],
+                                      np.array([panels[j]["panel_coords"] for j in keep], np.float32))
+        texts = ["\n".join(panels[j]["text"]["dialogue"] + panels[j]["text"]["narration"] + panels[j]["text"]["sfx"])
+                 for j in keep]
+        assert list(ds["text_content"].values[i, : len(keep)]) == texts
+        assert ds["manifest_path"].values[i].endswith(f"page_{i:05d}.json")
+
+
+def test_attention_and_reading_order_are_well_formed(built_pair):
+    local, _, _ = built_pair
+    ds = xr.open_zarr(local.store).load()
+    mask = ds["panel_mask"].values
+    att = ds["attention_weights"].values
+    order = ds["reading_order"].values
+    for i in range(ds.sizes["page"]):
+        n = int(mask[i].sum())
+        if n:
+            assert abs(att[i][mask[i]].sum() - 1.0) < 1e-5
+        assert (att[i][~mask[i]] == 0).all()
+        assert sorted(order[i][mask[i]].tolist()) == list(range(n))
+        assert (order[i][~mask[i]] == -1).all()
+    assert np.isfinite(ds["page_embeddings"].values).all()
+
+
+def test_store_is_xarray_shaped_with_attrs(built_pair):
+    local, _, _ = built_pair
+    ds = xr.open_zarr(local.store, consolidated=True)
+    assert set(ds.dims) == {"page", "panel", "embedding_dim", "coord"}
+    assert not ds.indexes  # no page index coordinate for readers to load
+    assert ds["text_content"].dtype.kind == "T"
+    for var in ds.data_vars.values():
+        assert var.dims[0] == "page"
+    attrs = ds.attrs
+    assert attrs["model"] == "tiny" and attrs["weights_digest"] == "seed:0"
+    assert attrs["model_weights_source"] == "seeded-init"
+    assert attrs["max_panels"] == 12 and attrs["embedding_dim"] == ds.sizes["embedding_dim"]
+    assert attrs["pagecube_version"] == pipeline.__version__
+    assert ds["written_at"].dtype == np.dtype("datetime64[ns]")
+
+
+def test_resume_recomputes_nothing_when_complete(built_pair, sample200):
+    local, _, _ = built_pair
+    before = xr.open_zarr(local.store)["written_at"].values.copy()
+    again = pipeline.build(str(sample200), local.store, cluster="sync", progress=False,
+                           model="models_for_tests:counting_tiny")
+    assert again.planned_pages == 0 and again.done == 200
+    np.testing.assert_array_equal(xr.open_zarr(local.store)["written_at"].values, before)
+
+
+def _tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def small_store(sample40, tmp_path_factory):
+    store = tmp_path_factory.mktemp("small") / "s.zarr"
+    pipeline.build(str(sample40), str(store), cluster="sync", progress=False)
+    return store
+
+
+@pytest.mark.parametrize("args, why", [
+    (["--max-panels", "8"], "max-panels"),
+    (["--seed", "1"], "weights_digest"),
+    (["--embedding-dim", "64"], "embedding_dim"),
+    (["--chunk-pages", "16"], "chunk-pages"),
+    (["--list", "reordered"], "page list changed"),
+])
+def test_mismatched_store_is_refused_and_untouched(small_store, sample40, tmp_path, args, why):
+    store = tmp_path / "s.zarr"
+    shutil.copytree(small_store, store)
+    digest = _tree_digest(store)
+    pages = sample40
+    if args[0] == "--list":
+        lines = sample40.read_text().splitlines()
+        pages = sample40.parent / "reordered.txt"
+        pages.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+        args = []
+    proc = run_cli("build", pages, "--out", store, "--cluster", "sync", "--no-progress", *args)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len([ln for ln in err if ln.startswith("pagecube: error:")]) == 1 and why in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert _tree_digest(store) == digest
+
+
+def test_reader_in_another_process_sees_progress_and_never_a_half_page(sample40, tmp_path):
+    store = tmp_path / "live.zarr"
+    expect_text = tmp_path / "expect.json"
+    # pages whose manifest has text in the first kept slot: the reader checks they are never empty when done
+    cap = 12
+    has_text = {}
+    for i, m in enumerate(manifests(sample40)):
+        kept = sorted(m["panels"], key=lambda p: p["order_index"])[:cap]
+        has_text[i] = any(p["text"]["dialogue"] or p["text"]["narration"] or p["text"]["sfx"] for p in kept)
+    expect_text.write_text(json.dumps(has_text))
+    run_cli("build", sample40, "--out", store, "--init-only", "--cluster", "sync", "--chunk-pages", "4",
+            "--model", "models_for_tests:slow_tiny", check=0)
+    reader = subprocess.Popen([sys.executable, str(ROOT / "tests" / "poll_reader.py"), str(store), "40", str(expect_text)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        run_cli("build", sample40, "--out", store, "--cluster", "local", "--workers", "2", "--no-progress",
+                "--model", "models_for_tests:slow_tiny", env={"PAGECUBE_TEST_DELAY": "0.15"}, check=0)
+    finally:
+        out, err = reader.communicate(timeout=60)
+    assert reader.returncode == 0, err
+    report = json.loads(out)
+    assert report["bad"] == [], report["bad"][:5]
+    assert any(0 < d < 40 for d in report["seen_done"]), report["seen_done"]
+    assert report["polls"] > 5
+
+
+def _wait_for_entries(store: Path, n: int, timeout: float) -> None:
+    folder = store / "_pagecube" / "chunks"
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if folder.is_dir() and len(os.listdir(folder)) >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} finished chunks within {timeout}s")
+
+
+def test_killed_build_resumes_and_keeps_finished_pages(sample40, tmp_path):
+    store = tmp_path / "killed.zarr"
+    proc = subprocess.Popen([*CLI, "build", str(sample40), "--out", str(store), "--workers", "2",
+                             "--chunk-pages", "4", "--model", "models_for_tests:slow_tiny", "--no-progress"],
+                            env=cli_env({"PAGECUBE_TEST_DELAY": "0.3"}), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_entries(store, 2, timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the client and its whole local cluster
+        proc.wait(timeout=30)
+    ds = xr.open_zarr(store)
+    status = ds["status"].values
+    finished = status == STATUS_DONE
+    assert 0 < finished.sum() < 40
+    stamps = ds["written_at"].values[finished].copy()
+    run_cli("build", sample40, "--out", store, "--workers", "2", "--no-progress",
+            "--model", "models_for_tests:slow_tiny", env={"PAGECUBE_TEST_DELAY": "0"}, check=0)
+    ds = xr.open_zarr(store)
+    assert (ds["status"].values == STATUS_DONE).all()
+    np.testing.assert_array_equal(ds["written_at"].values[finished], stamps)
