@@ -9,6 +9,8 @@ steered by environment variables (inherited by Dask worker processes):
   long enough to kill something in the middle of it);
 - ``FAULTKIT_KILL_TEXT``: a page whose panel text contains this string makes
   the process that prepares it die at once (``os._exit``), like a native crash;
+- ``FAULTKIT_GATE``: ``forward`` waits until this file exists (a build that is
+  held in the middle of its work for as long as a test needs);
 - ``FAULTKIT_PIDDIR``: each process that loads the model writes a file named by
   its pid there (how a test finds worker processes to kill).
 """
@@ -61,6 +63,9 @@ class QuickModel:
         return prepared
 
     def forward(self, batch):
+        gate = os.environ.get("FAULTKIT_GATE")
+        while gate and not os.path.exists(gate):
+            time.sleep(0.02)
         if self.delay:
             time.sleep(self.delay)
         B, P, D = len(batch), self.info.max_panels, self.info.embedding_dim
