@@ -225,6 +225,9 @@ def build(
                     "inputs": os.fspath(pages),
                     "title": "pagecube embedding store",
                 }, codec=codec)
+                # to_zarr(mode="w") clears the whole prefix, _pagecube/lock.json included (local and S3):
+                # put our lock back at once, or a second build would find the store unlocked.
+                lock._write(exclusive=False)
                 _say(f"pagecube: created store {loc} for {n_pages} pages "
                      f"({config.n_pages // chunk_pages + bool(n_pages % chunk_pages)} chunks of {chunk_pages})")
             if init_only:
