@@ -1,0 +1,61 @@
+"""``pagecube similar``: the nearest finished pages to a page, or to a text query."""
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from .app import app
+
+
+@app.command()
+def similar(
+    store: str = typer.Argument(..., help="The store (a path or an fsspec URL such as s3://...)."),
+    page_id: Optional[str] = typer.Argument(None, help="The query page: a page id, or @N for the page at position N. "
+                                                       "It must be done (status 1)."),
+    k: int = typer.Option(10, "-k", "--k", min=1, help="How many pages to show."),
+    text: Optional[str] = typer.Option(None, "--text", help="Search with this text instead of a page, embedded by the "
+                                                            "model's text tower."),
+    model: Optional[str] = typer.Option(None, "--model", help="With --text: the model that built the store "
+                                                              "(default: the store's model attribute)."),
+    seed: int = typer.Option(0, "--seed", help="With --text: the seed the store was built with."),
+    device: str = typer.Option("cpu", "--device", help="With --text: where the text tower runs (cpu, cuda)."),
+    include_self: bool = typer.Option(False, "--include-self", help="Also list the query page itself."),
+    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options for URLs, as a "
+                                                                                  "JSON object or @FILE."),
+) -> None:
+    """Nearest finished pages by cosine of page embeddings (streams the store; works mid-run)."""
+    from ..build import BadArgument
+    from ..similar import (NotAStore, SimilarError, describe_pages, embed_text_query, find_page,
+                           similar_pages)
+    from ..store.location import parse_storage_options
+
+    if (page_id is None) == (text is None):
+        raise BadArgument("give either a PAGE_ID or --text \"...\"")
+    if text is None and model is not None:
+        raise BadArgument("--model only applies to --text queries")
+    try:
+        so = parse_storage_options(storage_options)
+        if text is not None:
+            vector = embed_text_query(store, text, model=model, device=device, seed=seed, storage_options=so)
+            hits = similar_pages(store, vector=vector, k=k, storage_options=so)
+            query = f"query: text {text!r}"
+        else:
+            qi = find_page(store, page_id, storage_options=so)  # one pass over page_id, then by position
+            hits = similar_pages(store, f"@{qi}", k=k, storage_options=so, exclude_self=not include_self)
+            q = describe_pages(store, [qi], storage_options=so)[0]
+            query = f"query: page @{q.page_index} {q.page_id}  series={q.series or '-'}  {q.snippet}"
+        rows = describe_pages(store, [h.page_index for h in hits], storage_options=so)
+    except NotAStore:
+        raise  # not a bad argument: exit 1 with its line
+    except (SimilarError, ValueError) as exc:
+        raise BadArgument(str(exc)) from None
+    print(query)
+    if not hits:
+        print("no other finished pages to compare with")
+        return
+    wid = max(4, *(len(h.page_id) for h in hits))
+    wser = max(6, *(len(r.series or "-") for r in rows))
+    print(f"{'rank':>4}  {'score':>7}  {'page':<{wid}}  {'series':<{wser}}  first panel text")
+    for rank, (hit, row) in enumerate(zip(hits, rows), 1):
+        print(f"{rank:>4}  {hit.score:7.4f}  {hit.page_id:<{wid}}  {row.series or '-':<{wser}}  {row.snippet}")

@@ -1,0 +1,294 @@
+"""Similarity search over a store: the nearest finished pages by cosine of ``page_embeddings``.
+
+Streams the store block by block along ``page`` (a block is a whole number of
+page chunks, at most ``block_bytes`` of embeddings), so memory stays bounded at
+10^7 pages: per block it reads ``status`` (N bytes), then the embeddings of that
+block only when some of its pages are done, and keeps a running top-k merged
+with ``numpy.argpartition``.  Only pages with ``status == 1`` are ever scored,
+so it works mid-run and after a crash.  Finding a query page by id streams
+``page_id`` the same way.  Page ids, series and text are read for the k results
+only.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import zarr
+
+from .store.location import StoreLocation, quiet_zarr_warnings
+from .store.schema import STATUS_DONE, STATUS_FAILED
+
+#: Default cap on the embeddings held at once (per block), in bytes.
+BLOCK_BYTES = 64 * 2**20
+SNIPPET_LEN = 60
+
+
+class SimilarError(ValueError):
+    """A query that cannot be answered: unknown page, page not done, wrong vector, mismatched model."""
+
+
+class NotAStore(SimilarError):
+    """The path or URL holds no readable pagecube store."""
+
+
+class SimilarPage(NamedTuple):
+    page_index: int
+    page_id: str
+    score: float
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    page_index: int
+    page_id: str
+    series: str
+    snippet: str
+
+
+# --------------------------------------------------------------------------- store access
+
+def _open(store, storage_options: dict | None) -> tuple[StoreLocation, zarr.Group]:
+    loc = StoreLocation.of(store, storage_options)
+    try:
+        with quiet_zarr_warnings():
+            group = zarr.open_group(loc.zarr_store, mode="r", use_consolidated=True)
+    except Exception as exc:  # missing folder, not a zarr group, unreadable metadata
+        raise NotAStore(f"{loc} is not a readable pagecube store ({type(exc).__name__})") from None
+    missing = [n for n in ("page_embeddings", "status", "page_id") if n not in group]
+    if missing or "chunk_pages" not in group.attrs:
+        raise NotAStore(f"{loc} is not a pagecube store (no {', '.join(missing) or 'chunk_pages attribute'})")
+    return loc, group
+
+
+def _block_pages(group: zarr.Group, block_pages: int | None, block_bytes: int) -> int:
+    """Pages per block: a whole number of page chunks (at least one)."""
+    chunk = int(group["status"].chunks[0]) or 1
+    if block_pages is None:
+        emb = group["page_embeddings"]
+        row = max(1, int(np.prod(emb.shape[1:])) * emb.dtype.itemsize)
+        block_pages = max(1, int(block_bytes) // row)
+    return max(1, int(block_pages) // chunk) * chunk
+
+
+def _blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, size):
+        yield start, min(n, start + size)
+
+
+def iter_done_embeddings(store, *, storage_options: dict | None = None, block_pages: int | None = None,
+                         block_bytes: int = BLOCK_BYTES, _group: zarr.Group | None = None
+                         ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(page_indices, embeddings float32 [m, D])`` for the done pages of each block, in page order.
+
+    A block is ``block_pages`` pages rounded down to whole page chunks (default: as many
+    as fit in ``block_bytes`` of embeddings).  Blocks without done pages read only ``status``.
+    """
+    group = _group if _group is not None else _open(store, storage_options)[1]
+    status, emb = group["status"], group["page_embeddings"]
+    size = _block_pages(group, block_pages, block_bytes)
+    for start, stop in _blocks(int(status.shape[0]), size):
+        done = np.flatnonzero(np.asarray(status[start:stop]) == STATUS_DONE)
+        if done.size == 0:
+            continue
+        vecs = np.asarray(emb[start:stop], dtype=np.float32)[done]
+        yield done.astype(np.int64) + start, vecs
+
+
+# --------------------------------------------------------------------------- finding the query page
+
+def find_page(store, page_id: str, *, storage_options: dict | None = None, block_pages: int | None = None,
+              _group: zarr.Group | None = None) -> int:
+    """Position of ``page_id`` (or ``@N``), read ``page_id`` block by block; the first match wins."""
+    group = _group if _group is not None else _open(store, storage_options)[1]
+    ids = group["page_id"]
+    n = int(ids.shape[0])
+    m = re.fullmatch(r"@(\d+)", page_id.strip())
+    if m:
+        i = int(m.group(1))
+        if i >= n:
+            raise SimilarError(f"page @{i} is out of range: the store has {n} pages (@0 .. @{n - 1})")
+        return i
+    size = _block_pages(group, block_pages, BLOCK_BYTES)
+    for start, stop in _blocks(n, size):
+        hits = np.flatnonzero(np.asarray(ids[start:stop]) == page_id)
+        if hits.size:
+            return int(hits[0]) + start
+    raise SimilarError(f"page id {page_id!r} is not among the {n} pages written to the store so far "
+                       f"(a page's id is stored when its chunk is written)")
+
+
+def page_vector(store, page: int, *, storage_options: dict | None = None, _group: zarr.Group | None = None
+                ) -> np.ndarray:
+    """The embedding of page ``page``; refused unless it is done."""
+    group = _group if _group is not None else _open(store, storage_options)[1]
+    state = int(group["status"][page])
+    if state != STATUS_DONE:
+        what = "failed" if state == STATUS_FAILED else "not done yet (pending)"
+        raise SimilarError(f"page @{page} is {what}: it has no embedding to search with")
+    return np.asarray(group["page_embeddings"][page], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- search
+
+def _merge(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int):
+    """Keep the k best of both sets: highest score first, lower page index on ties."""
+    if s.size > k:  # cut the block first; keep every tie of the k-th score so ties resolve by index
+        kth = s[np.argpartition(-s, k - 1)[k - 1]]
+        keep = s >= kth
+        s, i = s[keep], i[keep]
+    s, i = np.concatenate([best_s, s]), np.concatenate([best_i, i])
+    order = np.lexsort((i, -s))[:k]
+    return s[order], i[order]
+
+
+def _unit_query(vector, dim: int) -> np.ndarray:
+    q = np.asarray(vector, dtype=np.float64).reshape(-1)
+    if q.shape[0] != dim:
+        raise SimilarError(f"query vector has {q.shape[0]} dimensions, the store's embeddings have {dim}")
+    norm = float(np.linalg.norm(q))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise SimilarError("query vector is zero or not finite")
+    return (q / norm).astype(np.float32)
+
+
+def search_vector(store, vector, *, k: int = 10, exclude: int | None = None, storage_options: dict | None = None,
+                  block_pages: int | None = None, block_bytes: int = BLOCK_BYTES,
+                  _group: zarr.Group | None = None) -> list[tuple[int, float]]:
+    """``[(page_index, cosine)]`` of the k done pages nearest ``vector``, best first (no ids)."""
+    if int(k) < 1:
+        raise SimilarError(f"k must be >= 1, got {k}")
+    k = int(k)
+    group = _group if _group is not None else _open(store, storage_options)[1]
+    q = _unit_query(vector, int(group["page_embeddings"].shape[1]))
+    best_s = np.zeros(0, dtype=np.float32)
+    best_i = np.zeros(0, dtype=np.int64)
+    for idx, vecs in iter_done_embeddings(store, block_pages=block_pages, block_bytes=block_bytes, _group=group):
+        norms = np.linalg.norm(vecs, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            scores = (vecs @ q) / norms
+        ok = np.isfinite(scores)  # a done page never holds NaN, but a zero vector must not win
+        if exclude is not None:
+            ok &= idx != exclude
+        if not ok.all():
+            scores, idx = scores[ok], idx[ok]
+        if scores.size:
+            best_s, best_i = _merge(best_s, best_i, scores.astype(np.float32), idx, k)
+    return [(int(i), float(s)) for i, s in zip(best_i, best_s)]
+
+
+def _read_rows(arr, indices: np.ndarray) -> np.ndarray:
+    """Rows ``indices`` of a page-chunked array (reads only the chunks they fall in)."""
+    if indices.size == 0:
+        return np.asarray(arr[0:0])
+    return np.asarray(arr.oindex[indices])
+
+
+def similar_pages(store, page_id: str | None = None, *, vector=None, k: int = 10,
+                  storage_options: dict | None = None, exclude_self: bool = True,
+                  block_pages: int | None = None, block_bytes: int = BLOCK_BYTES) -> list[SimilarPage]:
+    """The k finished pages (``status == 1``) nearest by cosine of ``page_embeddings``, best first.
+
+    Query by ``page_id`` (a page id, or ``@N`` for the page at position N; it must be done)
+    or by ``vector`` (``[embedding_dim]``).  With ``exclude_self`` the query page itself is
+    not returned.  Memory is bounded by one block of embeddings plus k results.
+    """
+    if (page_id is None) == (vector is None):
+        raise SimilarError("give either a page id or a query vector")
+    _, group = _open(store, storage_options)
+    exclude = None
+    if page_id is not None:
+        page = find_page(store, page_id, block_pages=block_pages, _group=group)
+        vector = page_vector(store, page, _group=group)
+        exclude = page if exclude_self else None
+    hits = search_vector(store, vector, k=k, exclude=exclude, block_pages=block_pages, block_bytes=block_bytes,
+                         _group=group)
+    idx = np.asarray([i for i, _ in hits], dtype=np.int64)
+    ids = _read_rows(group["page_id"], idx)
+    return [SimilarPage(i, str(pid), s) for (i, s), pid in zip(hits, ids)]
+
+
+def describe_pages(store, indices, *, storage_options: dict | None = None, snippet_len: int = SNIPPET_LEN,
+                   _group: zarr.Group | None = None) -> list[PageInfo]:
+    """Id, series and first panel text (in reading order) of a few pages."""
+    group = _group if _group is not None else _open(store, storage_options)[1]
+    idx = np.asarray(list(indices), dtype=np.int64)
+    ids = _read_rows(group["page_id"], idx)
+    series = _read_rows(group["series"], idx) if "series" in group else [""] * len(idx)
+    texts = _read_rows(group["text_content"], idx) if "text_content" in group else None
+    order = _read_rows(group["reading_order"], idx) if "reading_order" in group else None
+    out = []
+    for row, i in enumerate(idx):
+        snippet = ""
+        if texts is not None:
+            t = np.asarray(texts[row], dtype=object)
+            slots = range(len(t))
+            if order is not None:
+                o = np.asarray(order[row])
+                slots = sorted((s for s in slots if o[s] >= 0), key=lambda s: o[s]) or list(slots)
+            first = next((str(t[s]) for s in slots if str(t[s]).strip()), "")
+            snippet = " / ".join(x.strip() for x in first.splitlines() if x.strip())
+            if len(snippet) > snippet_len:
+                snippet = snippet[: snippet_len - 1] + "…"
+        out.append(PageInfo(int(i), str(ids[row]), str(series[row]), snippet))
+    return out
+
+
+# --------------------------------------------------------------------------- text queries
+
+def embed_text_query(store, text: str, *, model: str | None = None, model_options: dict | None = None,
+                     device: str = "cpu", seed: int = 0, storage_options: dict | None = None) -> np.ndarray:
+    """Embed ``text`` with the text tower of the model the store was built with.
+
+    ``model`` defaults to the store's ``model`` attribute.  The loaded model must match the
+    store's ``model`` and ``weights_digest`` (same weights, seed and settings), else refused.
+    """
+    from .model.registry import ModelNotFound, load_model
+
+    if not text or not text.strip():
+        raise SimilarError("the query text is empty")
+    loc, group = _open(store, storage_options)
+    attrs = dict(group.attrs)
+    built_with = str(attrs.get("model", ""))
+    name = model or built_with
+    if not name:
+        raise SimilarError(f"{loc} does not say which model built it; pass --model")
+    from .model.registry import BUILTIN
+
+    if name in BUILTIN and built_with in BUILTIN and name != built_with:  # refuse before loading weights
+        raise SimilarError(f"store {loc} was built with model {built_with!r}, not {name!r}: a text query is "
+                           f"only meaningful in the embedding space of the model that built the store")
+    try:
+        m = load_model(name, max_panels=int(attrs.get("max_panels", 12)),
+                       embedding_dim=int(attrs["embedding_dim"]) if "embedding_dim" in attrs else None,
+                       device=device, seed=seed, **(model_options or {}))
+    except ModelNotFound as exc:
+        raise SimilarError(str(exc)) from None
+    info = m.info
+    digest = str(attrs.get("weights_digest", ""))
+    if info.name != built_with or info.weights_digest != digest:
+        raise SimilarError(
+            f"store {loc} was built with model {built_with!r} (weights {digest[:12] or '?'}), not with "
+            f"{info.name!r} (weights {info.weights_digest[:12]}): a text query is only meaningful in the "
+            f"embedding space of the model (same seed and options) that built the store")
+    embed = getattr(m, "embed_texts", None)
+    if not callable(embed):
+        raise SimilarError(f"model {info.name!r} has no text tower for text queries (embed_texts)")
+    vec = np.asarray(embed([text]), dtype=np.float32)
+    if vec.ndim != 2 or vec.shape[0] != 1:
+        raise SimilarError(f"model {info.name!r}: embed_texts returned shape {vec.shape}, expected (1, D)")
+    return vec[0]
+
+
+def similar_to_text(store, text: str, *, model: str | None = None, k: int = 10, model_options: dict | None = None,
+                    device: str = "cpu", seed: int = 0, storage_options: dict | None = None) -> list[SimilarPage]:
+    """The k finished pages nearest a text query (see :func:`embed_text_query`)."""
+    vec = embed_text_query(store, text, model=model, model_options=model_options, device=device, seed=seed,
+                           storage_options=storage_options)
+    return similar_pages(store, vector=vec, k=k, storage_options=storage_options)
+
+
+__all__ = ["similar_pages", "similar_to_text", "embed_text_query", "iter_done_embeddings", "find_page",
+           "describe_pages", "SimilarPage", "SimilarError", "NotAStore"]
