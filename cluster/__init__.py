@@ -1,0 +1,26 @@
+"""Generic Dask plumbing for pagecube: get a cluster, keep objects resident on workers.
+
+This package knows nothing about comics and never imports ``pipeline``.
+"""
+
+from .preflight import check_workers, versions_skew
+from .resident import ResidentMissing, ResidentPlugin, get_resident, install_resident, resident_status
+from .specs import kubernetes_cluster_spec, slurm_job_script
+from .targets import ClusterError, ClusterHandle, open_cluster
+from .tls import make_security
+
+__all__ = [
+    "ClusterError",
+    "ClusterHandle",
+    "ResidentMissing",
+    "ResidentPlugin",
+    "check_workers",
+    "get_resident",
+    "install_resident",
+    "kubernetes_cluster_spec",
+    "make_security",
+    "open_cluster",
+    "resident_status",
+    "slurm_job_script",
+    "versions_skew",
+]
