@@ -1,0 +1,107 @@
+"""Packaging stays consistent: environment.yml vs pyproject.toml, versions, complete --help."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGECUBE = [sys.executable, "-c", "from pipeline.cli import run; run()"]
+# conda-forge names for the same distributions
+CONDA_TO_PYPI = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
+NOT_DEPENDENCIES = {"python", "pip"}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _names(requirement: str) -> set[str]:
+    """'dask[distributed]>=2025.1' -> {'dask', 'distributed'}: a conda env lists extras as packages."""
+    m = re.match(r"\s*([A-Za-z0-9_.\-]+)\s*(\[([^\]]*)\])?", requirement)
+    assert m, requirement
+    name = _norm(m.group(1))
+    extras = {_norm(e) for e in (m.group(3) or "").split(",") if e.strip()}
+    if name == "moto":  # moto[server] is one pip requirement in both files
+        return {name}
+    return {name} | extras
+
+
+def pyproject_names() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        reqs += extra
+    return set().union(*(_names(r) for r in reqs))
+
+
+def environment_names() -> set[str]:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    out = set()
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            for req in dep.get("pip", []):
+                if not req.startswith("-"):
+                    out |= _names(req)
+            continue
+        name = _norm(re.split(r"[<>=!~ ]", dep, maxsplit=1)[0])
+        name = CONDA_TO_PYPI.get(name, name)
+        if name not in NOT_DEPENDENCIES:
+            out.add(name)
+    return out
+
+
+def test_environment_yml_names_the_same_dependencies_as_pyproject():
+    py, env = pyproject_names(), environment_names()
+    assert py - env == set(), f"in pyproject.toml, missing from environment.yml: {sorted(py - env)}"
+    assert env - py == set(), f"in environment.yml, missing from pyproject.toml: {sorted(env - py)}"
+
+
+def test_name_normalisation_catches_a_missing_package():
+    assert _names("Pillow>=10") == {"pillow"}
+    assert _names("dask[distributed]>=2025.1") == {"dask", "distributed"}
+    assert _norm("prometheus_client") == _norm("prometheus-client")
+
+
+def test_version_everywhere(tmp_path):
+    import pipeline
+    from importlib.metadata import version
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert version("pagecube") == declared == pipeline.__version__
+    out = subprocess.run([*PAGECUBE, "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"pagecube {declared}"
+
+    from pipeline.sample import make_sample
+
+    listing = make_sample(tmp_path / "pages", 4, seed=0)
+    pipeline.build(str(listing), str(tmp_path / "cube.zarr"), cluster="sync", init_only=True, progress=False)
+    assert pipeline.open_store(str(tmp_path / "cube.zarr")).attrs["pagecube_version"] == declared
+
+
+def test_every_command_and_option_has_help():
+    import click
+    from typer.main import get_command
+
+    from pipeline.cli import app
+
+    root = get_command(app)
+    assert {"sample", "build", "status", "summary", "show"} <= set(root.commands)
+    missing = []
+    for name, cmd in root.commands.items():
+        if not (cmd.help or "").strip():
+            missing.append(f"{name}: no command help")
+        for param in cmd.params:
+            if isinstance(param, (click.Option, click.Argument)) and not (getattr(param, "help", "") or "").strip():
+                missing.append(f"{name} {param.name}")
+    assert not missing, missing
+    out = subprocess.run([*PAGECUBE, "show", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--image-root" in out.stdout and "--storage-options" in out.stdout, out.stderr

@@ -1,0 +1,81 @@
+"""``pagecube show``: the page picture for done, failed and pending pages."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pipeline
+from pipeline.cli import main
+from pipeline.sample import make_sample
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("show")
+    listing = make_sample(tmp / "pages", 8, seed=5)
+    (tmp / "pages" / "images" / "page_00002.jpg").unlink()  # page 2 fails: image not found
+    store = tmp / "cube.zarr"
+    result = pipeline.build(str(listing), str(store), cluster="sync", chunk_pages=4, progress=False)
+    assert (result.done, result.failed) == (7, 1)
+    pending = tmp / "pending.zarr"
+    pipeline.build(str(listing), str(pending), cluster="sync", chunk_pages=4, init_only=True, progress=False)
+    return tmp, store, pending
+
+
+def test_show_done_page_draws_boxes_on_the_page(built, capsys):
+    tmp, store, _ = built
+    out = tmp / "p1.png"
+    assert main(["show", str(store), "sample_00001", "-o", str(out)]) == 0
+    assert "(done)" in capsys.readouterr().out
+    original = np.asarray(Image.open(tmp / "pages" / "images" / "page_00001.jpg").convert("RGB")).astype(int)
+    drawn = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert drawn.shape == original.shape  # the picture is the page's own size
+
+    ds = pipeline.open_pages(str(store))
+    page = ds.isel(page=int(np.flatnonzero(ds["page_id"].values == "sample_00001")[0])).load()
+    boxes = page["panel_coordinates"].values[page["panel_mask"].values]
+    assert len(boxes) > 0
+    for x, y, w, h in boxes:
+        x0, y0, x1, y1 = int(x), int(y), int(x + w), int(y + h)
+        ym = (y0 + y1) // 2
+        edge = drawn[ym - 5: ym + 5, x0: x0 + 2]  # the box outline on the left edge
+        assert np.abs(edge - original[ym - 5: ym + 5, x0: x0 + 2]).max() > 40
+        label = drawn[y0 + 4: y0 + 12, x0 + 4: x0 + 30]  # the "#order a=..." label in the corner
+        assert np.abs(label - original[y0 + 4: y0 + 12, x0 + 4: x0 + 30]).mean() > 20
+        inner = (slice(ym - 3, ym + 3), slice((x0 + x1) // 2 - 3, (x0 + x1) // 2 + 3))
+        assert np.abs(drawn[inner] - original[inner]).max() <= 3  # the page itself is left as it was
+
+
+def test_show_labels_and_colours_follow_attention(built, tmp_path):
+    from pipeline.show import _colour, render_page
+
+    _, store, _ = built
+    img, shown = render_page(str(store), "@0", tmp_path / "p0.png")
+    assert shown.state == "done" and shown.panels > 0
+    assert _colour(0.0) != _colour(1.0)
+
+
+def test_show_failed_page_has_a_banner_with_the_reason(built, capsys):
+    tmp, store, _ = built
+    out = tmp / "p2.png"
+    assert main(["show", str(store), "sample_00002", "-o", str(out)]) == 0  # found through its manifest
+    printed = capsys.readouterr().out
+    assert "(failed)" in printed and "image not found" in printed
+    img = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    r, g, b = img[5, 5]
+    assert r > 150 and g < 80 and b < 80  # the red banner
+
+
+def test_show_pending_page_mid_run(built, capsys):
+    tmp, _, pending = built
+    out = tmp / "pending.png"
+    assert main(["show", str(pending), "@1", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "(pending)" in printed and "sample_00001" in printed
+    assert Image.open(out).size == Image.open(tmp / "pages" / "images" / "page_00001.jpg").size
+    # a pending page's id is not in the store yet: one clear line that says how to ask for it
+    assert main(["show", str(pending), "sample_00001", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not in the store" in err and "@" in err and "Traceback" not in err
+    assert main(["show", str(pending), "@99", "-o", str(out)]) == 2
