@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(BIN)/pagecube build $(DEMO)/pages/pages.txt --out $(DEMO)/cube.zarr --workers 2
 	$(BIN)/pagecube status $(DEMO)/cube.zarr
 	$(BIN)/pagecube summary $(DEMO)/cube.zarr --max-pages 3
+	$(BIN)/pagecube show $(DEMO)/cube.zarr sample_00000 -o $(DEMO)/page.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
