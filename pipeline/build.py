@@ -28,7 +28,7 @@ from .store import index as chunk_index
 from .store.debris import clean_debris
 from .store.grow import grow_store
 from .store.location import StoreLocation
-from .store.lock import StoreLocked, WriterLock
+from .store.lock import StoreLocked, WriterLock, clear_running, deaths_running, running_mark
 from .store.template import CODECS, EMBEDDING_DTYPES, StoreConfig, read_config, write_template
 from .tasks import run_chunk
 from .types import JobSpec, Receipt
@@ -37,14 +37,27 @@ MODEL_FACTORY = "pipeline.model.registry:load_model"
 WINDOW_PER_THREAD = 2
 TASK_RETRIES = 2  # raised exceptions (I/O hiccups); worker deaths are bounded by allowed-failures
 #: How many worker deaths one task may be caught in before it is given up (Dask's
-#: ``distributed.scheduler.allowed-failures``; its default is also 3).  A worker lost to a
+#: ``distributed.scheduler.allowed-failures``; its default is 3).  A worker lost to a
 #: preemption or an OOM kill takes its tasks with it: they rerun elsewhere, safe because tasks
 #: are idempotent.  A task whose pages crash every process that runs them (a native-library
 #: crash, a page that exhausts memory) would otherwise kill workers for ever: after
-#: ALLOWED_FAILURES + 1 deaths it ends with ``KilledWorker`` and its unfinished pages are
+#: ALLOWED_FAILURES + 1 deaths it ends with ``KilledWorker``, and once DEATHS_TO_FAIL processes
+#: died while running it its unfinished pages are
 #: marked failed with that reason (``_fail_range``), so the build ends.  Applied to clusters
 #: this process starts (local); a remote scheduler uses its own configuration.
-ALLOWED_FAILURES = 3
+ALLOWED_FAILURES = 1
+#: Dask blames every task a dying worker held, including tasks queued behind (or overlapping) the
+#: one that crashed it.  So after KilledWorker the client counts how many processes died while
+#: really running the task's chunk (``running`` marks a dead process leaves in the store): fewer
+#: than DEATHS_TO_FAIL and the task is submitted afresh (at most KILLED_RESUBMITS times);
+#: otherwise its unfinished pages are failed with the count as the reason.
+DEATHS_TO_FAIL = 2
+KILLED_RESUBMITS = 5
+#: Tasks sent to a worker per thread.  1.0: a worker holds only the tasks it is running, so a
+#: worker death counts against those alone (Dask's default 1.1 rounds up to one queued task
+#: more per worker, which would take the blame for a neighbour that crashes its worker).  The
+#: client's window already keeps the next tasks ready on the scheduler.
+WORKER_SATURATION = 1.0
 
 
 class BuildError(RuntimeError):
@@ -176,9 +189,10 @@ def build(
     model_kwargs = {"name": model, "max_panels": max_panels, "embedding_dim": embedding_dim,
                     "checkpoint": checkpoint, "seed": seed, **(model_options or {})}
     t_start = time.monotonic()
-    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}), \
-            open_cluster(cluster, workers=workers, threads_per_worker=threads_per_worker, device=device,
-                         dashboard_address=dashboard_address, security=security) as handle:
+    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+                          "distributed.scheduler.worker-saturation": WORKER_SATURATION}), \
+            _QuietClose(open_cluster(cluster, workers=workers, threads_per_worker=threads_per_worker, device=device,
+                                     dashboard_address=dashboard_address, security=security)) as handle:
         dev = _resolve_device(device, handle)
         model_kwargs["device"] = dev
         if handle.dashboard_link:
@@ -213,6 +227,7 @@ def build(
             if lock.took_over_from:
                 _say(f"pagecube: took over the store lock from {lock.took_over_from}")
             clean_debris(loc)
+            clear_running(loc)  # marks of an earlier build's dead processes do not count now
             if grow_from:
                 grow_store(loc, n_pages, config.input_digest, chunk_pages, grow_from)
                 _say(f"pagecube: grew store {loc} from {grow_from} to {n_pages} pages")
@@ -260,12 +275,34 @@ def build(
             finally:
                 bar.close()
             seconds = time.monotonic() - t_run
+            clear_running(loc)
 
     entries = chunk_index.list_entries(loc)
     done = sum(e.done for e in entries.values())
     failed = sum(e.failed for e in entries.values())
     del receipts
     return BuildResult(str(loc), n_pages, done, failed, plan.pages_planned, seconds, handle.dashboard_link, reasons)
+
+
+class _QuietClose:
+    """A cluster that fails to shut down (a worker still restarting after a crash) must not turn a
+    finished build into an error: the store is complete by then, so say so and go on."""
+
+    def __init__(self, cm):
+        self.cm = cm
+
+    def __enter__(self):
+        return self.cm.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return self.cm.__exit__(*exc)
+        except Exception as err:
+            if exc[0] is not None:
+                raise
+            _say(f"pagecube: warning: the cluster did not shut down cleanly ({type(err).__name__}); "
+                 "the build itself finished")
+            return False
 
 
 class _sigterm_as_interrupt:
@@ -316,22 +353,34 @@ def _run(plan, source, job, handle, resources, bar, reasons) -> list[Receipt]:
     window = max(2, WINDOW_PER_THREAD * threads)
     todo = iter(plan.tasks)
 
-    def submit(task):
-        d = dask.delayed(run_chunk, pure=False)(task, source.slice(task.start, task.stop), job,
-                                                dask_key_name=f"{task.key}-{job.run_id}")
+    def submit(task, attempt: int = 0):
+        again = f"-again{attempt}" if attempt else ""
+        d = dask.delayed(_run_chunk_marked, pure=False)(task, source.slice(task.start, task.stop), job,
+                                                        dask_key_name=f"{task.key}-{job.run_id}{again}")
         fut = client.compute(d, retries=TASK_RETRIES, resources=resources)
         fut.pagecube_task = task
         return fut
 
-    first = [submit(t) for _, t in zip(range(window), todo)]
-    ac = as_completed(first)
+    # no list of the first futures is kept: a finished future held here keeps its result pinned to
+    # its worker, and a worker death would then recompute it
+    ac = as_completed([submit(t) for _, t in zip(range(window), todo)])
+    killed: dict = {}
     try:
         for fut in ac:
             task = fut.pagecube_task
             try:
                 receipt = fut.result()
             except Exception as exc:
-                receipt = _fail_range(job, task, _task_failure(exc, task))
+                deaths = 0
+                if type(exc).__name__ == "KilledWorker":
+                    deaths = deaths_running(StoreLocation(job.store_url, job.storage_options), task.chunk)
+                    if deaths < DEATHS_TO_FAIL and killed.get(task, 0) < KILLED_RESUBMITS:
+                        killed[task] = killed.get(task, 0) + 1
+                        _say(f"pagecube: a worker died while holding pages [{task.start}, {task.stop}); "
+                             "running them again in a fresh task")
+                        ac.add(submit(task, killed[task]))
+                        continue
+                receipt = _fail_range(job, task, _task_failure(exc, task, deaths))
             receipts.append(receipt)
             _take_receipt(receipt, bar, reasons)
             nxt = next(todo, None)
@@ -399,10 +448,19 @@ def _growth(loc: StoreLocation, existing: StoreConfig, source: PageSource) -> in
                       "only appending pages at the end is supported: use --overwrite or a new --out")
 
 
-def _task_failure(exc: BaseException, task) -> str:
+def _run_chunk_marked(task, source, job):
+    """``run_chunk`` inside a running mark, so that a process death while running it can be counted."""
+    with running_mark(StoreLocation(job.store_url, job.storage_options), task.chunk):
+        return run_chunk(task, source, job)
+
+
+def _task_failure(exc: BaseException, task, deaths: int = 0) -> str:
     if type(exc).__name__ == "KilledWorker":
-        return (f"worker processes died {ALLOWED_FAILURES + 1} times while running pages [{task.start}, {task.stop}) "
-                "(a page may crash or exhaust the worker); not retried further")
+        if deaths:
+            return (f"worker processes died {deaths} times while running pages [{task.start}, {task.stop}) "
+                    "(a page may crash or exhaust the worker); not retried further")
+        return (f"workers kept dying while holding pages [{task.start}, {task.stop}) "
+                f"({KILLED_RESUBMITS + 1} tries); not retried further")
     return f"task failed: {type(exc).__name__}: {exc}".splitlines()[0]
 
 
@@ -428,4 +486,5 @@ def _fail_range(job: JobSpec, task, reason: str) -> Receipt:
         chunk_index.write_entry(loc, chunk_index.ChunkEntry(task.chunk + offset // job.chunk_pages,
                                                             int((part == STATUS_DONE).sum()),
                                                             int((part == STATUS_FAILED).sum())))
+    clear_running(loc, task.chunk)
     return Receipt(task.start, task.stop, done, int(todo.sum()), reasons=(reason,))

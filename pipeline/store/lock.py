@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 from .location import StoreLocation
@@ -174,3 +175,69 @@ def lock_state(loc: StoreLocation) -> str:
     gone = holder_is_gone(info)
     started = _dt.datetime.fromtimestamp(info.started, _dt.timezone.utc).isoformat(timespec="seconds")
     return f"locked by {info.describe()}, started {started}" + (f" (stale: {gone})" if gone else "")
+
+
+# --- running marks: which chunks were being worked on by a process that died -------------------
+
+RUNNING_DIR = "running"
+
+
+@contextmanager
+def running_mark(loc: StoreLocation, chunk: int):
+    """A tiny object ``running/<chunk>.<host>.<pid>.<id>`` while a task works on ``chunk``.
+
+    Removed when the task ends in any way a Python process can see (return or exception), so a
+    mark that stays behind means the process died while running this chunk: the client counts
+    those to tell a task that crashes its workers from an innocent one that only sat beside it.
+    """
+    name = f"{chunk:09d}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    path = loc.meta_path(RUNNING_DIR, name)
+    fs = loc.fs
+    try:
+        if loc.is_local:
+            fs.makedirs(loc.meta_path(RUNNING_DIR), exist_ok=True)
+        fs.pipe_file(path, b"")
+    except OSError:
+        path = None
+    try:
+        yield
+    finally:
+        if path is not None:
+            try:
+                fs.rm_file(path)
+            except (FileNotFoundError, OSError):
+                pass
+
+
+def deaths_running(loc: StoreLocation, chunk: int) -> int:
+    """How many processes died while running ``chunk`` (marks left behind by dead processes)."""
+    try:
+        names = [n.rsplit("/", 1)[-1] for n in loc.fs.ls(loc.meta_path(RUNNING_DIR), detail=False)]
+    except FileNotFoundError:
+        return 0
+    here = socket.gethostname()
+    count = 0
+    for n in names:
+        parts = n.split(".")
+        if len(parts) < 4 or not parts[0].isdigit() or int(parts[0]) != chunk:
+            continue
+        host, pid = ".".join(parts[1:-2]), parts[-2]
+        if host == here and pid.isdigit() and _pid_alive(int(pid)):
+            continue  # still running (or ended by an exception a moment ago)
+        count += 1
+    return count
+
+
+def clear_running(loc: StoreLocation, chunk: int | None = None) -> None:
+    """Drop the marks of ``chunk`` (all chunks when None; only while holding the writer lock)."""
+    try:
+        names = loc.fs.ls(loc.meta_path(RUNNING_DIR), detail=False)
+    except FileNotFoundError:
+        return
+    for n in names:
+        base = n.rsplit("/", 1)[-1]
+        if chunk is None or base.startswith(f"{chunk:09d}."):
+            try:
+                loc.fs.rm_file(n)
+            except FileNotFoundError:
+                pass

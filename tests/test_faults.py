@@ -1,0 +1,185 @@
+"""Real faults (issue 3, parts 1, 2 and 5): worker SIGKILL, a page that kills its worker every time,
+client SIGKILL / SIGTERM / SIGINT, malicious checkpoints.  No mocks: processes are really killed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from faultkit import MODEL, PAGECUBE, ROOT, env, index_entries, make_pages, popen_build, read, run, wait_for
+
+VARS = ("status", "written_at", "page_embeddings", "panel_embeddings", "attention_weights", "reading_order",
+        "panel_coordinates", "text_content", "panel_mask", "n_panels", "page_id", "error")
+
+
+def _entries(store) -> list[str]:
+    try:
+        return index_entries(store)
+    except FileNotFoundError:
+        return []
+
+
+# --- client loss -------------------------------------------------------------------------------
+
+def test_client_sigkill_then_resume_keeps_finished_pages(tmp_path):
+    pages = make_pages(tmp_path / "s", 48, seed=21)
+    store = tmp_path / "c.zarr"
+    args = ["--cluster", "sync", "--chunk-pages", "8", "--batch-size", "4", "--model", MODEL]
+    proc = popen_build(pages, store, *args, extra_env={"FAULTKIT_DELAY": "0.3"})
+    try:
+        wait_for(lambda: len(_entries(store)) >= 2, 90, "two finished chunks", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    status, written = read(store, "status", "written_at")
+    done = status == 1
+    assert 8 <= done.sum() < 48, "the kill did not land in the middle of the build"
+    assert (store / "_pagecube" / "lock.json").exists()  # the dead build's lock is left behind
+    # debris a killed writer leaves, in a chunk that is not finished
+    first_pending = int(np.flatnonzero(~done)[0]) // 8
+    debris = store / "page_embeddings" / "c" / str(first_pending) / ("0." + "0f" * 16 + ".partial")
+    debris.parent.mkdir(parents=True, exist_ok=True)
+    debris.write_bytes(b"half a chunk")
+
+    code, out, err = run("build", pages, "--out", store, *args, "--no-progress")
+    assert code == 0, err
+    assert "took over the store lock" in err and "resuming" in err
+    status2, written2 = read(store, "status", "written_at")
+    assert (status2 == 1).all()
+    assert np.array_equal(written2[done], written[done]), "pages finished before the kill were redone"
+    assert not debris.exists()
+    code, out, _ = run("diagnose", store)
+    assert code == 0, out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_stop_cleanly(tmp_path, sig):
+    pages = make_pages(tmp_path / "s", 32, seed=22)
+    store = tmp_path / "t.zarr"
+    proc = popen_build(pages, store, "--cluster", "sync", "--chunk-pages", "8", "--batch-size", "4", "--model", MODEL,
+                       extra_env={"FAULTKIT_DELAY": "0.3"})
+    try:
+        wait_for(lambda: len(_entries(store)) >= 1, 90, "a finished chunk", proc)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Resume with the same command" in err, err
+    assert "Traceback" not in err
+    assert not (store / "_pagecube" / "lock.json").exists(), "the lock was not released"
+    status = read(store, "status")
+    assert 0 < (status == 1).sum() < 32
+
+
+# --- worker loss -------------------------------------------------------------------------------
+
+def test_worker_sigkill_and_a_page_that_kills_every_worker(tmp_path):
+    """2 local workers; one is SIGKILLed mid-build, and one page crashes any process that prepares it.
+
+    The build ends (no hang): every page equals a clean in-process build, except the killer page's chunk,
+    whose pages are failed with a reason naming the worker deaths.
+    """
+    pages = make_pages(tmp_path / "s", 48, seed=23)
+    killer = json.loads((pages.parent / "manifests" / "page_00044.json").read_text())
+    killer["panels"][0]["text"] = {"dialogue": ["KILL-THE-WORKER"]}
+    (pages.parent / "manifests" / "page_00044.json").write_text(json.dumps(killer))
+    store, clean = tmp_path / "w.zarr", tmp_path / "clean.zarr"
+    common = ["--chunk-pages", "8", "--batch-size", "4", "--model", MODEL, "--no-progress"]
+    # the clean reference: in this process the kill switch is off
+    assert run("build", pages, "--out", clean, "--cluster", "sync", *common)[0] == 0
+
+    piddir = tmp_path / "pids"
+    proc = subprocess.Popen([*PAGECUBE, "build", str(pages), "--out", str(store), "--cluster", "local",
+                             "--workers", "2", "--threads-per-worker", "1", *common],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env({"FAULTKIT_DELAY": "0.25", "FAULTKIT_PIDDIR": str(piddir),
+                                     "FAULTKIT_KILL_TEXT": "KILL-THE-WORKER"}))
+    try:
+        wait_for(lambda: len(_entries(store)) >= 1, 120, "a finished chunk", proc)
+        pids = sorted(int(p.name) for p in piddir.iterdir())
+        assert len(pids) >= 2
+        os.kill(pids[0], signal.SIGKILL)  # a worker with tasks in flight
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err[-3000:]
+    assert len(list(piddir.iterdir())) >= 4, "workers were not replaced after the kills"
+    assert not list((store / "_pagecube" / "running").iterdir()), "running marks left behind"
+    got = dict(zip(VARS, read(store, *VARS)))
+    ref = dict(zip(VARS, read(clean, *VARS)))
+    killer_chunk = np.arange(40, 48)
+    others = np.arange(0, 40)
+    assert (got["status"][others] == 1).all(), (set(got["error"][others]), err[-4000:])
+    assert (got["status"][killer_chunk] == 2).all()
+    for reason in got["error"][killer_chunk]:
+        assert "worker processes died 2 times while running pages [40, 48)" in reason, reason
+    for name in VARS:
+        if name in ("written_at", "status", "error"):
+            continue
+        a, b = got[name][others], ref[name][others]
+        if a.dtype.kind == "f":
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
+        else:
+            assert np.array_equal(a, b), name
+
+
+# --- malicious checkpoints ------------------------------------------------------------------------
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil_checkpoints(tmp_path) -> tuple[list[Path], Path]:
+    import pickle
+
+    import torch
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    zipped = tmp_path / "evil.pt"
+    torch.save({"pool.query": torch.zeros(3), "x": _Evil(marker)}, zipped)  # torch's zip format
+    legacy = tmp_path / "evil.pkl"
+    legacy.write_bytes(pickle.dumps({"w": _Evil(marker)}))  # a bare pickle
+    return [zipped, legacy], marker
+
+
+def test_malicious_checkpoint_refused_in_process_even_with_force_flag(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    pages = make_pages(tmp_path / "s", 8, seed=24)
+    files, marker = _evil_checkpoints(tmp_path)
+    for ckpt in files:
+        code, out, err = run("build", pages, "--out", tmp_path / f"{ckpt.stem}.zarr", "--cluster", "sync",
+                             "--checkpoint", ckpt, "--no-progress")
+        assert code == 2, err
+        assert "--checkpoint refused" in err and ckpt.name in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert not marker.exists(), "the pickle payload ran"
+        assert not (tmp_path / f"{ckpt.stem}.zarr").exists()
+
+
+def test_malicious_checkpoint_on_workers_one_line_no_hang(tmp_path):
+    pages = make_pages(tmp_path / "s", 8, seed=25)
+    files, marker = _evil_checkpoints(tmp_path)
+    proc = subprocess.run([*PAGECUBE, "build", str(pages), "--out", str(tmp_path / "e.zarr"), "--cluster", "local",
+                           "--workers", "1", "--checkpoint", str(files[0]), "--no-progress"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=env({"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("pagecube: error:")]
+    assert len(errors) == 1 and "--checkpoint refused" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr.split("pagecube: error:")[-1]
+    assert not marker.exists(), "the pickle payload ran on a worker"
