@@ -11,7 +11,16 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-__all__ = ["DEFAULT_PACKAGES", "check_workers", "versions_skew"]
+__all__ = [
+    "DEFAULT_PACKAGES",
+    "check_workers",
+    "release_series",
+    "run_probe",
+    "skew_errors",
+    "skew_lines",
+    "version_table",
+    "versions_skew",
+]
 
 DEFAULT_PACKAGES = ("python", "torch", "zarr", "xarray", "numpy", "dask", "distributed", "cloudpickle", "msgpack")
 
@@ -86,29 +95,97 @@ def _local_versions(packages) -> dict:
     return versions
 
 
+def version_table(client, packages=DEFAULT_PACKAGES, extra=()) -> dict[str, dict]:
+    """Per package: ``{"client": v, "scheduler": v, "workers": {address: v}}`` (None: not installed)."""
+    if client is None:
+        return {}
+    pkgs = tuple(dict.fromkeys(tuple(packages) + tuple(extra)))
+    fn = _local_versions(pkgs)
+    mine = fn(pkgs)
+    sched = client.run_on_scheduler(fn, pkgs)
+    workers = client.run(fn, pkgs)
+    return {p: {"client": mine[p], "scheduler": sched.get(p), "workers": {a: w.get(p) for a, w in workers.items()}}
+            for p in pkgs}
+
+
+def skew_lines(table: dict[str, dict]) -> list[str]:
+    """One line per package whose version is not the same everywhere."""
+    lines = []
+    for p, row in table.items():
+        workers = row["workers"]
+        seen = {row["client"], row["scheduler"]} | set(workers.values())
+        if len(seen) <= 1:
+            continue
+        counts = Counter(v or "missing" for v in workers.values())
+        wtxt = ", ".join(f"{v} ({n})" for v, n in sorted(counts.items()))
+        lines.append(
+            f"{p}: client {row['client'] or 'missing'}, scheduler {row['scheduler'] or 'missing'}, workers {wtxt or 'none'}"
+        )
+    return lines
+
+
+def release_series(version: str | None) -> tuple | None:
+    """The part of a version that marks incompatible releases: (major,), or (0, minor) before 1.0."""
+    if not version:
+        return None
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    if not parts:
+        return (version,)
+    return tuple(parts[:2]) if parts[0] == 0 else (parts[0],)
+
+
+def skew_errors(table: dict[str, dict], strict=()) -> list[str]:
+    """Lines for the ``strict`` packages that are missing somewhere or differ in release series.
+
+    The client's version is the reference; a scheduler or worker without the
+    package, or with another major version (another minor before 1.0), is an
+    error. Other differences are left to ``skew_lines`` (warnings).
+    """
+    errors = []
+    for p in strict:
+        row = table.get(p)
+        if row is None:
+            continue
+        ref = release_series(row["client"])
+        where = [("scheduler", row["scheduler"])] + [(f"worker {a}", v) for a, v in row["workers"].items()]
+        bad = [(w, v) for w, v in where if release_series(v) != ref]
+        if bad:
+            w, v = bad[0]
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            errors.append(f"{p} {v or 'missing'} on {w}{more} is incompatible with {row['client'] or 'missing'} here")
+    return errors
+
+
 def versions_skew(client, packages=DEFAULT_PACKAGES, extra=()) -> list[str]:
     """Lines naming each package whose version differs between client, scheduler and workers.
 
     ``extra`` adds names such as "pagecube". "python" compares interpreter
     versions. An empty list means no skew (or no client).
     """
-    if client is None:
-        return []
-    pkgs = tuple(dict.fromkeys(tuple(packages) + tuple(extra)))
-    fn = _local_versions(pkgs)
-    mine = fn(pkgs)
-    sched = client.run_on_scheduler(fn, pkgs)
-    workers = client.run(fn, pkgs)
-    lines = []
-    for p in pkgs:
-        seen = {mine[p], sched.get(p)} | {w.get(p) for w in workers.values()}
-        if len(seen) <= 1:
-            continue
-        counts = Counter(w.get(p) or "missing" for w in workers.values())
-        wtxt = ", ".join(f"{v} ({n})" for v, n in sorted(counts.items()))
-        lines.append(
-            f"{p}: client {mine[p] or 'missing'}, scheduler {sched.get(p) or 'missing'}, workers {wtxt or 'none'}"
-        )
-    return lines
+    return skew_lines(version_table(client, packages, extra))
 
 
+def run_probe(client, fn, *args, timeout: float = 60, resources: dict | None = None, what: str = "probe"):
+    """Run ``fn(*args)`` once on some worker (with ``resources``) and return its result.
+
+    Raises ``ClusterError`` with the worker's error as one line, or when no
+    worker ran it within ``timeout`` s (e.g. a resource no worker offers).
+    """
+    from distributed import TimeoutError as DaskTimeout
+
+    from .targets import ClusterError
+
+    fut = client.submit(fn, *args, pure=False, resources=resources, retries=0)
+    try:
+        return fut.result(timeout=timeout)
+    except (DaskTimeout, TimeoutError):
+        fut.cancel()
+        raise ClusterError(f"{what}: no worker ran it within {timeout:g} s") from None
+    except Exception as e:  # noqa: BLE001 - the worker's error as one line
+        msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise ClusterError(f"{what} failed on a worker: {type(e).__name__}: {msg}") from None

@@ -80,6 +80,18 @@ def gpu_ids() -> list[str]:
     return [str(i) for i in range(count)]
 
 
+def _why_no_gpu() -> str:
+    try:
+        import torch
+    except ImportError:
+        return " (torch is not installed)"
+    if not getattr(torch.version, "cuda", None):
+        return f" (torch {torch.__version__} is a CPU-only build)"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r})"
+    return ""
+
+
 def _cpu_count() -> int:
     # dask.system.CPU_COUNT honours CPU affinity and cgroup quotas (containers).
     from dask.system import CPU_COUNT
@@ -197,7 +209,8 @@ def _open_local(workers, threads_per_worker, device, dashboard_address, security
 
     ids = gpu_ids() if device != "cpu" else []
     if device == "cuda" and not ids:
-        raise ClusterError("device cuda requested but no CUDA GPU is visible; use --device cpu or auto")
+        # decided: no silent fall-back to CPU when CUDA was asked for explicitly
+        raise ClusterError(f"device cuda requested but no CUDA GPU is visible{_why_no_gpu()}; use --device cpu or auto")
     # A nanny started earlier in this process may have exported dask's value
     # into os.environ, which spawned workers would inherit: drop that one.
     if os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536":

@@ -150,8 +150,14 @@ def build(
     dashboard_address: str = "127.0.0.1:0",
     progress: bool = True,
     seed: int = 0,
+    preflight_timeout: float = 60.0,
 ) -> BuildResult:
-    """Build (or resume) the store ``out`` from the page list ``pages``."""
+    """Build (or resume) the store ``out`` from the page list ``pages``.
+
+    ``cluster`` may also be the address of a scheduler you keep running
+    (``tcp://...``/``tls://...``); ``preflight_timeout`` bounds the pre-flight
+    checks (workers joined, resources, model loaded, store writable) in seconds.
+    """
     _validate(chunk_pages, batch_size, max_panels, workers, threads_per_worker, embedding_dtype, codec, device)
     if checkpoint is not None and "://" not in checkpoint:
         _check_readable(checkpoint)
@@ -184,7 +190,9 @@ def build(
         grow_from = _growth(loc, existing, source)
     chunk_pages = chunk_pages or default_chunk_pages(n_pages)
 
-    from cluster import install_resident, open_cluster
+    from cluster import install_event_counters, install_resident, open_cluster
+
+    from .preflight import check_cluster, check_store
 
     model_kwargs = {"name": model, "max_panels": max_panels, "embedding_dim": embedding_dim,
                     "checkpoint": checkpoint, "seed": seed, **(model_options or {})}
@@ -192,24 +200,30 @@ def build(
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
                           "distributed.scheduler.worker-saturation": WORKER_SATURATION}), \
             _QuietClose(open_cluster(cluster, workers=workers, threads_per_worker=threads_per_worker, device=device,
-                                     dashboard_address=dashboard_address, security=security)) as handle:
+                                     dashboard_address=dashboard_address, security=security,
+                                     timeout=preflight_timeout)) as handle:
         dev = _resolve_device(device, handle)
         model_kwargs["device"] = dev
         if handle.dashboard_link:
             _say(f"pagecube: Dask dashboard at {handle.dashboard_link}")
         client = handle.client
+        for line in check_cluster(handle, dev, preflight_timeout):
+            _say(f"pagecube: warning: {line}")
         try:
             if client is not None:
                 resident = install_resident(client, MODEL_FACTORY, model_kwargs)
                 resources = {"GPU": 1} if dev == "cuda" else None
                 info = client.submit(_model_info, resident, MODEL_FACTORY, model_kwargs, pure=False,
-                                     resources=resources).result()
+                                     resources=resources).result(timeout=preflight_timeout)
             else:
                 resident = "pagecube-model-sync"
                 resources = None
                 info = _model_info(resident, MODEL_FACTORY, model_kwargs)
         except Exception as exc:
             _model_load_failed(exc, model, checkpoint)
+        check_store(handle, loc, preflight_timeout, resources)
+        if client is not None:
+            install_event_counters(client, "pagecube", METRICS, namespace="pagecube_pages")
 
         config = StoreConfig(
             n_pages=n_pages, chunk_pages=chunk_pages, max_panels=max_panels,
@@ -265,7 +279,7 @@ def build(
             t_run = time.monotonic()
             reasons: list[str] = []
             try:
-                with _sigterm_as_interrupt():
+                with _sigterm_as_interrupt(), _build_span(client, job.run_id):
                     receipts = _run(plan, source, job, handle, resources, bar, reasons)
             except KeyboardInterrupt:
                 bar.close()
@@ -303,6 +317,24 @@ class _QuietClose:
             _say(f"pagecube: warning: the cluster did not shut down cleanly ({type(err).__name__}); "
                  "the build itself finished")
             return False
+
+
+#: Counters tasks log under the Dask event topic "pagecube"; served on the scheduler's /metrics as
+#: pagecube_pages_done_total and pagecube_pages_failed_total when prometheus_client is installed there.
+METRICS = {"done": "Pages written with status done by pagecube builds",
+           "failed": "Pages marked failed by pagecube builds"}
+
+
+def _build_span(client, run_id: str):
+    """A Dask span named after the build: its tasks' fine performance metrics (read, inference, write)
+    are grouped under it on the dashboard and in the scheduler's spans extension."""
+    if client is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    import distributed
+
+    return distributed.span(f"pagecube-build-{run_id}")
 
 
 class _sigterm_as_interrupt:

@@ -21,6 +21,9 @@ from .store.lock import lock_state
 from .store.schema import STATUS_DONE
 
 RATE_WINDOW_CHUNKS = 64
+#: At most this many chunks with failed pages are read to group failures by reason; with more, an
+#: evenly spread sample of them is read (the failed total still comes, exact, from the index).
+MAX_REASON_CHUNKS = 256
 
 
 def open_store(store, storage_options: dict | None = None) -> xr.Dataset:
@@ -61,6 +64,8 @@ class StoreStatus:
     lock: str
     failures: Counter = field(default_factory=Counter)
     last_write: float | None = None
+    failure_chunks: int = 0  # chunks that hold failed pages
+    failure_chunks_read: int = 0  # of those, how many were read to group failures by reason
 
     @property
     def pending(self) -> int:
@@ -87,7 +92,9 @@ class StoreStatus:
             ago = time.time() - self.last_write
             out.append(f"last     chunk written {ago:.0f}s ago")
         if self.failures:
-            out.append("failures by reason:")
+            sample = ("" if self.failure_chunks_read >= self.failure_chunks else
+                      f" (from {self.failure_chunks_read} of the {self.failure_chunks} chunks with failures)")
+            out.append(f"failures by reason{sample}:")
             out.extend(f"  {n:>8}  {why}" for why, n in self.failures.most_common(10))
         return out
 
@@ -106,28 +113,35 @@ def store_status(store, storage_options: dict | None = None) -> StoreStatus:
     failed = sum(e.failed for e in entries.values())
 
     failures: Counter = Counter()
-    error = group["error"]
-    for e in entries.values():
-        if e.failed:
-            start = e.chunk * chunk_pages
-            errs = error[start: start + chunk_pages]
-            failures.update(reason_kind(str(r)) for r in errs if str(r))
+    bad = sorted(c for c, e in entries.items() if e.failed)
+    picked = bad
+    if len(bad) > MAX_REASON_CHUNKS:  # evenly spread sample, first and last included
+        picked = [bad[i] for i in np.linspace(0, len(bad) - 1, MAX_REASON_CHUNKS).round().astype(int)]
+    if picked:
+        errs = _read_chunks(group["error"], picked, chunk_pages, n_pages)
+        failures.update(reason_kind(str(r)) for r in errs if str(r))
 
     rate, last = None, None
     timed = sorted((e for e in entries.values() if e.mtime is not None), key=lambda e: e.mtime)
     if timed:
         last = timed[-1].mtime
-        recent = timed[-RATE_WINDOW_CHUNKS:]
-        written = group["written_at"]
-        stamps = []
-        for e in recent:
-            start = e.chunk * chunk_pages
-            w = written[start: start + chunk_pages]
-            stamps.append(w[w != np.iinfo(np.int64).min])
-        stamps = np.concatenate(stamps) if stamps else np.array([], np.int64)
+        recent = sorted(e.chunk for e in timed[-RATE_WINDOW_CHUNKS:])
+        stamps = _read_chunks(group["written_at"], recent, chunk_pages, n_pages).astype(np.int64)
+        stamps = stamps[stamps != np.iinfo(np.int64).min]
         if len(stamps) > 1 and stamps.max() > stamps.min():
             rate = float(len(stamps) / ((stamps.max() - stamps.min()) / 1000.0))
-    return StoreStatus(loc.url, n_pages, chunk_pages, done, failed, rate, lock_state(loc), failures, last)
+    return StoreStatus(loc.url, n_pages, chunk_pages, done, failed, rate, lock_state(loc), failures, last,
+                       len(bad), len(picked))
+
+
+def _read_chunks(array, chunks: list[int], chunk_pages: int, n_pages: int) -> np.ndarray:
+    """The values of whole page chunks, in one selection (zarr fetches the chunks concurrently)."""
+    if not chunks:
+        return np.array([])
+    starts = np.asarray(chunks, dtype=np.int64) * chunk_pages
+    idx = (starts[:, None] + np.arange(chunk_pages, dtype=np.int64)[None, :]).ravel()
+    idx = idx[idx < n_pages]
+    return np.asarray(array.get_orthogonal_selection(idx))
 
 
 def page_summaries(store, *, max_pages: int = 5, text_len: int = 80, compact: bool = False,

@@ -34,6 +34,11 @@ def build(
     seed: int = typer.Option(0, "--seed", help="Seed for models built without a checkpoint."),
     reading_direction: Optional[str] = typer.Option(None, "--reading-direction", help="ltr | rtl (manga), for models that order panels by geometry."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
+    tls_ca_file: Optional[str] = typer.Option(None, "--tls-ca-file", help="CA certificate (PEM) for a tls:// scheduler; default: Dask config distributed.comm.tls.ca-file."),
+    tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="Client certificate (PEM) for a tls:// scheduler."),
+    tls_key: Optional[str] = typer.Option(None, "--tls-key", help="Client private key (PEM), if not inside --tls-cert."),
+    dashboard_address: str = typer.Option("127.0.0.1:0", "--dashboard-address", help="Dashboard address for --cluster local (default: localhost, any free port; ':8787' listens on all interfaces)."),
+    preflight_timeout: float = typer.Option(60.0, "--preflight-timeout", help="Seconds to wait for workers, the model and the store probe before any task."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options for s3:// and other URLs, as a JSON object or @FILE (credentials: prefer the AWS_* environment)."),
 ) -> None:
     """Build the embedding store for PAGES into --out; resumes by default."""
@@ -45,6 +50,15 @@ def build(
     except ValueError as exc:
         raise BadArgument(str(exc)) from None
 
+    from cluster import make_security
+
+    try:
+        security = make_security(tls_ca_file, tls_cert, tls_key)
+    except ValueError as exc:
+        raise BadArgument(str(exc)) from None
+    if preflight_timeout <= 0:
+        raise BadArgument(f"--preflight-timeout must be a positive number of seconds, got {preflight_timeout:g}")
+
     options = {}
     if reading_direction is not None:
         options["reading_direction"] = reading_direction
@@ -55,6 +69,7 @@ def build(
         model_options=options, device=device, embedding_dtype=embedding_dtype, codec=codec,
         overwrite=overwrite, init_only=init_only, retry_failed=retry_failed, verify=verify,
         take_over_lock=take_over_lock, seed=seed, progress=not no_progress, storage_options=so,
+        security=security, dashboard_address=dashboard_address, preflight_timeout=preflight_timeout,
     )
     if init_only:
         print(f"initialised {result.store}: {result.n_pages} pages pending")
