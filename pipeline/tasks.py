@@ -5,11 +5,19 @@ fetched from the worker, never shipped in the graph.  Pages are read and
 prepared in a thread pool while earlier batches run through the model.  The
 task is safe to run twice: the same pages give the same bytes, and a range
 whose pages are all finished is only re-indexed.
+
+Overlap between tasks: once every page of a task is read and prepared, the
+task secedes from the worker's thread pool, so the worker starts the next
+task (its reads, then its batches) while this one runs its last batch and
+writes its region.  The model runs one batch at a time per worker (a lock),
+so the overlap never oversubscribes it; the receipt still comes back only
+after the region and ``status`` are stored.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,11 +29,76 @@ from .manifest import PageError, read_page
 from .store.index import ChunkEntry, write_entry
 from .store.location import StoreLocation
 from .store.schema import STATUS_DONE, STATUS_FAILED, empty_region
-from .store.writer import open_store_group, region_counts, verify_region, write_region
+from .store.writer import open_store_group, read_region, region_counts, verify_region, write_region
 from .types import ChunkTask, JobSpec, Receipt
 
 _io_pool: ThreadPoolExecutor | None = None
 MAX_REASONS = 5
+_model_lock = threading.Lock()  # one batch at a time through the resident model
+_batch_cap: int | None = None  # pages per forward after a CUDA out-of-memory back-off
+
+
+def _is_oom(exc: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+    except Exception:  # pragma: no cover - torch missing or without cuda module
+        pass
+    return "out of memory" in str(exc).lower() and "cuda" in str(exc).lower()
+
+
+def _free_cuda_cache() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _forward(model, prepared: list) -> dict[str, np.ndarray]:
+    """Collate + forward ``prepared`` pages; on CUDA out-of-memory halve the batch and carry on.
+
+    The halved size is kept for the rest of the worker's life (a batch that ran
+    out of memory once will again).  A single page that still runs out of
+    memory raises, and the caller marks it failed.
+    """
+    global _batch_cap
+    parts: list[dict[str, np.ndarray]] = []
+    i = 0
+    while i < len(prepared):
+        n = min(_batch_cap or len(prepared), len(prepared) - i)
+        try:
+            with _model_lock:
+                parts.append(model.forward(model.collate(prepared[i:i + n])))
+        except Exception as exc:
+            if n > 1 and _is_oom(exc):
+                _batch_cap = max(1, n // 2)
+                _free_cuda_cache()
+                continue
+            raise
+        i += n
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts], axis=0) for k in parts[0]}
+
+
+def _let_next_task_start() -> bool:
+    """Leave the worker's thread pool (Dask ``secede``) so the next task can start; False off-worker."""
+    try:
+        from distributed import get_worker, secede
+
+        get_worker()
+    except Exception:
+        return False
+    try:
+        secede()
+    except Exception:  # pragma: no cover - not in a worker thread after all
+        return False
+    return True
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
@@ -137,7 +210,7 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
     loc = StoreLocation(job.store_url, job.storage_options)
     group = open_store_group(loc, job.run_id)
     start, stop = task.start, task.stop
-    before = group["status"][start:stop]
+    before = read_region(group, "status", start, stop)
     done0, failed0 = region_counts(before)
     if done0 + failed0 == len(task) and not (job.retry_failed and failed0):
         _index(loc, before, before, task, job.chunk_pages)
@@ -165,7 +238,9 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
         try:
             page = read_page(ref, max_panels=job.max_panels, image_root=job.image_root,
                              storage_options=job.storage_options)
-            return page, model.prepare(page), None
+            prepared = model.prepare(page)
+            page.image = None  # the decoded page is not needed past prepare: free it now
+            return page, prepared, None
         except PageError as exc:
             return None, None, str(exc)
         except Exception as exc:  # a bad page must never fail its chunk
@@ -174,7 +249,7 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
     def run_batch(items: list[tuple[int, object, object]]) -> None:
         with _phase(seconds, "inference"):
             try:
-                outs = model.forward(model.collate([p for _, _, p in items]))
+                outs = _forward(model, [p for _, _, p in items])
                 results = [(i, page, {k: v[j] for k, v in outs.items()}) for j, (i, page, _) in enumerate(items)]
             except Exception:
                 if len(items) == 1:
@@ -208,6 +283,7 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
             if len(pending) >= job.batch_size:
                 run_batch(pending)
                 pending = []
+        _let_next_task_start()  # every page is read: the worker may start the next task's reads now
         if pending:
             run_batch(pending)
         seconds["read"] = time.perf_counter() - t_read - seconds.get("inference", 0.0)

@@ -9,8 +9,8 @@ temp file and renames it.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
@@ -20,8 +20,8 @@ from .location import StoreLocation, quiet_zarr_warnings
 from .schema import COMPLETION_VARS, DATA_VARS, STATUS_DONE, STATUS_FAILED
 
 _groups: dict[tuple[str, str], zarr.Group] = {}
+_arrays: dict[tuple[int, str], zarr.Array] = {}
 _groups_lock = threading.Lock()
-_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pagecube-write")
 
 
 def open_store_group(loc: StoreLocation, run_id: str) -> zarr.Group:
@@ -32,34 +32,70 @@ def open_store_group(loc: StoreLocation, run_id: str) -> zarr.Group:
             with quiet_zarr_warnings():
                 group = zarr.open_group(loc.zarr_store, mode="r+", use_consolidated=True)
             _groups.clear()  # one build at a time per worker process
+            _arrays.clear()
             _groups[key] = group
         return group
 
 
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """``group[name]``, cached: a lookup rebuilds the array from metadata (measured 0.6 ms each,
+    11 ms a task for 18 variables), and the layout never changes during a build."""
+    key = (id(group), name)
+    arr = _arrays.get(key)
+    if arr is None:
+        arr = group[name]
+        with _groups_lock:
+            if len(_arrays) > 256:
+                _arrays.clear()
+            _arrays[key] = arr
+    return arr
+
+
 def read_region(group: zarr.Group, name: str, start: int, stop: int) -> np.ndarray:
-    return group[name][start:stop]
+    return array(group, name)[start:stop]
 
 
 def write_region(group: zarr.Group, arrays: dict[str, np.ndarray], start: int, stop: int,
                  chunk_pages: int) -> None:
-    """Data variables (in parallel), then the completion variables in a second step."""
-    n_pages = group["status"].shape[0]
+    """Data variables (concurrently), then the completion variables in later steps.
+
+    Each step is one call into zarr's event loop: the data variables are
+    gathered together (their chunks are encoded and stored concurrently), and
+    the step returns only when every chunk is stored; ``written_at`` and then
+    ``status`` follow, each in its own step, so ``status`` is never on disk
+    before the data it vouches for.
+    """
+    n_pages = array(group, "status").shape[0]
     check_aligned(start, stop, chunk_pages, n_pages)
     for name, arr in arrays.items():
         if arr.shape[0] != stop - start:
             raise ValueError(f"{name}: {arr.shape[0]} rows for a {stop - start}-page region")
 
-    def put(name: str) -> None:
-        target = group[name]
+    def data_for(name: str, target: zarr.Array) -> np.ndarray:
         data = arrays[name]
         if data.dtype != target.dtype and target.dtype.kind != "T":
             data = _checked_cast(name, data, target.dtype)
-        target[start:stop] = data
+        return data
 
-    list(_pool.map(put, DATA_VARS))
-    # completion last, in its own step: written_at, then status
+    _put_together(group, [n for n in DATA_VARS if n in arrays], data_for, start, stop)
+    # completion last, in its own steps: written_at, then status
     for name in ("written_at", "status"):
-        put(name)
+        _put_together(group, [name], data_for, start, stop)
+
+
+def _put_together(group: zarr.Group, names: list[str], data_for, start: int, stop: int) -> None:
+    targets = [array(group, n) for n in names]
+    datas = [data_for(n, t) for n, t in zip(names, targets)]  # casts checked before anything is written
+    if all(hasattr(t, "_async_array") for t in targets):
+        from zarr.core.sync import sync
+
+        async def put_all():
+            await asyncio.gather(*(t._async_array.setitem(slice(start, stop), d) for t, d in zip(targets, datas)))
+
+        sync(put_all())
+        return
+    for t, d in zip(targets, datas):  # pragma: no cover - a zarr without the async layer
+        t[start:stop] = d
 
 
 def _checked_cast(name: str, data: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -75,7 +111,7 @@ def verify_region(group: zarr.Group, arrays: dict[str, np.ndarray], start: int, 
     """Read the region back and compare (``--verify``); returns the variables that differ."""
     bad = []
     for name in (*DATA_VARS, *COMPLETION_VARS):
-        back = group[name][start:stop]
+        back = array(group, name)[start:stop]
         want = arrays[name]
         if want.dtype.kind == "f" or back.dtype.kind == "f":
             same = np.allclose(back.astype(np.float64), want.astype(np.float64), equal_nan=True, atol=1e-3)
