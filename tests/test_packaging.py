@@ -17,7 +17,7 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 PAGECUBE = [sys.executable, "-c", "from pipeline.cli import run; run()"]
 # conda-forge names for the same distributions
-CONDA_TO_PYPI = {"pytorch": "torch", "matplotlib-base": "matplotlib"}
+CONDA_TO_PYPI = {"pytorch": "torch", "matplotlib-base": "matplotlib", "python-kubernetes": "kubernetes"}
 NOT_DEPENDENCIES = {"python", "pip"}
 
 
