@@ -36,22 +36,21 @@ from .types import JobSpec, Receipt
 MODEL_FACTORY = "pipeline.model.registry:load_model"
 WINDOW_PER_THREAD = 2
 TASK_RETRIES = 2  # raised exceptions (I/O hiccups); worker deaths are bounded by allowed-failures
-#: How many worker deaths one task may be caught in before it is given up (Dask's
-#: ``distributed.scheduler.allowed-failures``; its default is 3).  A worker lost to a
-#: preemption or an OOM kill takes its tasks with it: they rerun elsewhere, safe because tasks
-#: are idempotent.  A task whose pages crash every process that runs them (a native-library
-#: crash, a page that exhausts memory) would otherwise kill workers for ever: after
-#: ALLOWED_FAILURES + 1 deaths it ends with ``KilledWorker``, and once DEATHS_TO_FAIL processes
-#: died while running it its unfinished pages are
-#: marked failed with that reason (``_fail_range``), so the build ends.  Applied to clusters
-#: this process starts (local); a remote scheduler uses its own configuration.
-ALLOWED_FAILURES = 1
+#: Worker loss.  Dask's ``distributed.scheduler.allowed-failures`` (default 3) is set to 0 for
+#: clusters this process starts (a remote scheduler keeps its own): every worker death reaches the
+#: client at once as ``KilledWorker`` and one policy, below, decides.  A worker lost to a preemption
+#: or an OOM kill takes its tasks with it: they are submitted afresh (safe: tasks are idempotent).
+#: A task whose pages crash every process that runs them (a native-library crash, a page that
+#: exhausts memory) would kill workers for ever: once DEATHS_TO_FAIL processes died while really
+#: running it, its unfinished pages are marked failed with that reason (``_fail_range``) and the
+#: build ends.
+ALLOWED_FAILURES = 0
 #: Dask blames every task a dying worker held, including tasks queued behind (or overlapping) the
 #: one that crashed it.  So after KilledWorker the client counts how many processes died while
 #: really running the task's chunk (``running`` marks a dead process leaves in the store): fewer
 #: than DEATHS_TO_FAIL and the task is submitted afresh (at most KILLED_RESUBMITS times);
 #: otherwise its unfinished pages are failed with the count as the reason.
-DEATHS_TO_FAIL = 2
+DEATHS_TO_FAIL = 3  # two can be bad luck: an unrelated worker loss plus sharing a process with a crasher
 KILLED_RESUBMITS = 5
 #: Tasks sent to a worker per thread.  1.0: a worker holds only the tasks it is running, so a
 #: worker death counts against those alone (Dask's default 1.1 rounds up to one queued task

@@ -209,23 +209,38 @@ def running_mark(loc: StoreLocation, chunk: int):
                 pass
 
 
-def deaths_running(loc: StoreLocation, chunk: int) -> int:
-    """How many processes died while running ``chunk`` (marks left behind by dead processes)."""
+def _dead_marks(loc: StoreLocation) -> dict[int, set[str]]:
+    """chunk -> the dead processes ("host.pid") that were running it."""
     try:
         names = [n.rsplit("/", 1)[-1] for n in loc.fs.ls(loc.meta_path(RUNNING_DIR), detail=False)]
     except FileNotFoundError:
-        return 0
+        return {}
     here = socket.gethostname()
-    count = 0
+    out: dict[int, set[str]] = {}
     for n in names:
         parts = n.split(".")
-        if len(parts) < 4 or not parts[0].isdigit() or int(parts[0]) != chunk:
+        if len(parts) < 4 or not parts[0].isdigit():
             continue
         host, pid = ".".join(parts[1:-2]), parts[-2]
         if host == here and pid.isdigit() and _pid_alive(int(pid)):
             continue  # still running (or ended by an exception a moment ago)
-        count += 1
-    return count
+        out.setdefault(int(parts[0]), set()).add(f"{host}.{pid}")
+    return out
+
+
+def deaths_running(loc: StoreLocation, chunk: int) -> int:
+    """How many processes died while running ``chunk``, counted only when the blame is clear.
+
+    A worker runs tasks side by side (threads, and tasks that secede), so an innocent chunk can
+    share a process with the one that crashes it.  When another chunk was running in every process
+    that died running ``chunk`` (and in at least as many), the deaths are not blamed on ``chunk``
+    (0 is returned): the client then gives it a fresh try.
+    """
+    marks = _dead_marks(loc)
+    mine = marks.get(chunk, set())
+    if any(c != chunk and mine <= theirs for c, theirs in marks.items()):
+        return 0
+    return len(mine)
 
 
 def clear_running(loc: StoreLocation, chunk: int | None = None) -> None:
