@@ -55,3 +55,14 @@ def test_diagnose_finds_missing_and_garbled_chunks_and_repair_then_build_heals(t
     untouched = np.r_[0:8, 24:32]
     assert np.array_equal(after["written_at"][untouched], before["written_at"][untouched])
     assert (after["written_at"][8:24] > before["written_at"][8:24]).all()
+
+
+def test_build_verify_reads_back_every_region(tmp_path):
+    """``--verify`` compares each written region with what was meant; a float16 store must pass too."""
+    pages = make_pages(tmp_path / "s", 16, seed=12)
+    for dtype in ("float32", "float16"):
+        store = tmp_path / f"v-{dtype}.zarr"
+        code, out, err = run("build", pages, "--out", store, "--cluster", "sync", "--chunk-pages", "8",
+                             "--model", MODEL, "--embedding-dtype", dtype, "--verify", "--no-progress")
+        assert code == 0, err
+        assert (read(store, "status") == 1).all()
