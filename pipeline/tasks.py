@@ -6,12 +6,14 @@ prepared in a thread pool while earlier batches run through the model.  The
 task is safe to run twice: the same pages give the same bytes, and a range
 whose pages are all finished is only re-indexed.
 
-Overlap between tasks: once every page of a task is read and prepared, the
-task secedes from the worker's thread pool, so the worker starts the next
-task (its reads, then its batches) while this one runs its last batch and
-writes its region.  The model runs one batch at a time per worker (a lock),
-so the overlap never oversubscribes it; the receipt still comes back only
-after the region and ``status`` are stored.
+Overlap between tasks (opt-in, ``PAGECUBE_OVERLAP_TASKS=1`` on the workers):
+once every page of a task is read and prepared, the task secedes from the
+worker's thread pool, so the worker starts the next task (its reads, then its
+batches) while this one runs its last batch and writes its region.  The model
+runs one batch at a time per worker (a lock), so the overlap never
+oversubscribes it; the receipt still comes back only after the region and
+``status`` are stored.  Off by default: worker-death attribution (running
+marks) assumes one chunk running per worker at a time.
 """
 from __future__ import annotations
 
@@ -72,8 +74,9 @@ def _forward(model, prepared: list) -> dict[str, np.ndarray]:
     while i < len(prepared):
         n = min(_batch_cap or len(prepared), len(prepared) - i)
         try:
+            batch = model.collate(prepared[i:i + n])  # outside the lock: overlaps another task's forward
             with _model_lock:
-                parts.append(model.forward(model.collate(prepared[i:i + n])))
+                parts.append(model.forward(batch))
         except Exception as exc:
             if n > 1 and _is_oom(exc):
                 _batch_cap = max(1, n // 2)
@@ -87,7 +90,10 @@ def _forward(model, prepared: list) -> dict[str, np.ndarray]:
 
 
 def _let_next_task_start() -> bool:
-    """Leave the worker's thread pool (Dask ``secede``) so the next task can start; False off-worker."""
+    """Leave the worker's thread pool (Dask ``secede``) so the next task can start; False off-worker
+    or when the overlap is not asked for."""
+    if os.environ.get("PAGECUBE_OVERLAP_TASKS", "") not in ("1", "true", "yes"):
+        return False
     try:
         from distributed import get_worker, secede
 
