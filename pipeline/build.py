@@ -28,7 +28,7 @@ from .store import index as chunk_index
 from .store.debris import clean_debris
 from .store.grow import grow_store
 from .store.location import StoreLocation
-from .store.lock import StoreLocked, WriterLock, clear_running, deaths_running, running_mark
+from .store.lock import StoreLocked, WriterLock, refuse_if_locked, clear_running, deaths_running, running_mark
 from .store.template import CODECS, EMBEDDING_DTYPES, StoreConfig, read_config, write_template
 from .tasks import run_chunk
 from .types import JobSpec, Receipt
@@ -172,12 +172,14 @@ def build(
     loc = StoreLocation.of(out, storage_options)
     n_pages = len(source)
 
+    refuse_if_locked(loc, take_over_lock)  # before starting a cluster for nothing
     existing = None
     grow_from = 0
     if loc.exists() and not overwrite:
         try:
             existing, _ = read_config(loc)
         except Exception as exc:
+            refuse_if_locked(loc, take_over_lock)  # a template being written right now
             raise BadArgument(f"{loc} exists but is not a pagecube store ({exc}); use --overwrite to replace it") from None
         if chunk_pages is not None and chunk_pages != existing.chunk_pages:
             raise BadArgument(f"store {loc} was made with --chunk-pages {existing.chunk_pages}, not {chunk_pages}; "
@@ -245,17 +247,12 @@ def build(
                 grow_store(loc, n_pages, config.input_digest, chunk_pages, grow_from)
                 _say(f"pagecube: grew store {loc} from {grow_from} to {n_pages} pages")
             if existing is None:
-                if overwrite and loc.exists():
-                    chunk_index.clear(loc)
                 write_template(loc, config, {
                     "model_weights_source": info["weights_source"],
                     "pagecube_version": __version__,
                     "inputs": os.fspath(pages),
                     "title": "pagecube embedding store",
                 }, codec=codec)
-                # to_zarr(mode="w") clears the whole prefix, _pagecube/lock.json included (local and S3):
-                # put our lock back at once, or a second build would find the store unlocked.
-                lock._write(exclusive=False)
                 _say(f"pagecube: created store {loc} for {n_pages} pages "
                      f"({config.n_pages // chunk_pages + bool(n_pages % chunk_pages)} chunks of {chunk_pages})")
             if init_only:

@@ -75,6 +75,19 @@ def holder_is_gone(info: LockInfo, stale_after: float = STALE_AFTER_S) -> str | 
     return None
 
 
+def refuse_if_locked(loc: StoreLocation, take_over: bool = False, stale_after: float = STALE_AFTER_S) -> None:
+    """Early, read-only check: raise StoreLocked when a live build holds the store."""
+    if take_over:
+        return
+    current = read_lock(loc)
+    if current is not None and holder_is_gone(current, stale_after) is None:
+        raise StoreLocked(_locked_message(loc, current))
+
+
+def _locked_message(loc: StoreLocation, holder: LockInfo) -> str:
+    return f"store {loc} is locked by {holder.describe()}; wait for it, or pass --take-over-lock if that build is gone"
+
+
 class WriterLock:
     """Context manager: acquire, keep a heartbeat, release."""
 
@@ -119,10 +132,7 @@ class WriterLock:
             if current is not None:
                 reason = holder_is_gone(current, self.stale_after)
                 if reason is None and not self.take_over:
-                    raise StoreLocked(
-                        f"store {self.loc} is locked by {current.describe()}; "
-                        "wait for it, or pass --take-over-lock if that build is gone"
-                    )
+                    raise StoreLocked(_locked_message(self.loc, current))
                 self.took_over_from = f"{current.describe()}: {reason or 'taken over on request'}"
                 self.loc.fs.rm_file(self.path)
             try:

@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from .location import StoreLocation, quiet_zarr_warnings
+from .location import META_DIR, StoreLocation, quiet_zarr_warnings
 from .schema import NAT_INT, VARIABLES, dim_sizes, storage_dtype
 
 EMBEDDING_DTYPES = ("float32", "float16")
@@ -76,8 +76,28 @@ def template_dataset(config: StoreConfig, attrs: dict) -> tuple[xr.Dataset, dict
     return ds, encoding
 
 
+def clear_for_template(loc: StoreLocation, keep: str = "lock.json") -> None:
+    """Empty the store for a fresh template, keeping only the writer lock that the caller holds.
+
+    ``to_zarr(mode="w")`` would clear the whole prefix, the lock included, and
+    leave a moment in which a second build finds the store unlocked.
+    """
+    fs = loc.fs
+    if not fs.exists(loc.root):
+        return
+    for entry in fs.ls(loc.root, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] != META_DIR:
+            fs.rm(entry, recursive=True)
+    meta = loc.meta_path()
+    if fs.exists(meta):
+        for entry in fs.ls(meta, detail=False):
+            if entry.rstrip("/").rsplit("/", 1)[-1] != keep:
+                fs.rm(entry, recursive=True)
+    fs.invalidate_cache()
+
+
 def write_template(loc: StoreLocation, config: StoreConfig, attrs: dict, codec: str = "zstd") -> None:
-    """Create the store (metadata only). The caller has checked that it may."""
+    """Create the store (metadata only) under the caller's writer lock, which is kept."""
     full_attrs = {
         **attrs,
         **{k: v for k, v in asdict(config).items() if k != "n_pages"},
@@ -92,7 +112,8 @@ def write_template(loc: StoreLocation, config: StoreConfig, attrs: dict, codec: 
         if comp != "auto":
             encoding[name]["compressors"] = comp
     with quiet_zarr_warnings():
-        ds.to_zarr(loc.zarr_store, mode="w", compute=False, encoding=encoding, consolidated=True,
+        clear_for_template(loc)
+        ds.to_zarr(loc.zarr_store, mode="a", compute=False, encoding=encoding, consolidated=True,
                    zarr_format=3, storage_options=None)
 
 
