@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import dask
 
 from . import __version__
+from .errors import BadArgument, BuildError
 from .inputs import InputError, PageSource
 from .model.registry import BUILTIN, ModelNotFound, resolve_factory
 from .plan import default_chunk_pages, plan_build
@@ -57,14 +58,6 @@ KILLED_RESUBMITS = 5
 #: more per worker, which would take the blame for a neighbour that crashes its worker).  The
 #: client's window already keeps the next tasks ready on the scheduler.
 WORKER_SATURATION = 1.0
-
-
-class BuildError(RuntimeError):
-    """A build could not go on (exit code 1, one clear line)."""
-
-
-class BadArgument(ValueError):
-    """A bad argument or a store that does not match it (exit code 2, one clear line)."""
 
 
 @dataclass

@@ -24,7 +24,7 @@ def _click(name: str) -> tuple:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..build import BadArgument
+    from ..errors import BadArgument
 
     try:
         rc = app(args=argv, prog_name="pagecube", standalone_mode=False)

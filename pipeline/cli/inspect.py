@@ -20,7 +20,7 @@ def status(
 
 
 def _options(text):
-    from ..build import BadArgument
+    from ..errors import BadArgument
     from ..store.location import parse_storage_options
 
     try:

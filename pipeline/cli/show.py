@@ -18,7 +18,7 @@ def show(
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options for URLs, as a JSON object or @FILE."),
 ) -> None:
     """Draw a page: panel boxes coloured by attention, labelled '#order a=weight'; failed and pending pages get a banner."""
-    from ..build import BadArgument
+    from ..errors import BadArgument
     from ..show import ShowError, render_page
     from ..store.location import parse_storage_options
 

@@ -25,7 +25,7 @@ def similar(
                                                                                   "JSON object or @FILE."),
 ) -> None:
     """Nearest finished pages by cosine of page embeddings (streams the store; works mid-run)."""
-    from ..build import BadArgument
+    from ..errors import BadArgument
     from ..similar import (NotAStore, SimilarError, describe_pages, embed_text_query, find_page,
                            similar_pages)
     from ..store.location import parse_storage_options
