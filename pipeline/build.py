@@ -361,9 +361,12 @@ def _run(plan, source, job, handle, resources, bar, reasons) -> list[Receipt]:
     client = handle.client
     if client is None:
         for task in plan.tasks:
-            receipt = dask.delayed(run_chunk, pure=False)(task, source.slice(task.start, task.stop), job,
-                                                          dask_key_name=f"{task.key}-{job.run_id}").compute(
-                scheduler="sync")
+            d = dask.delayed(run_chunk, pure=False)(task, source.slice(task.start, task.stop), job,
+                                                    dask_key_name=f"{task.key}-{job.run_id}")
+            try:
+                receipt = d.compute(scheduler="sync")
+            except Exception as exc:  # as on a cluster: the range's pages fail with the reason, the build goes on
+                receipt = _fail_range(job, task, _task_failure(exc, task))
             receipts.append(receipt)
             _take_receipt(receipt, bar, reasons)
         return receipts
