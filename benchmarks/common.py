@@ -1,0 +1,373 @@
+"""Shared helpers for the benchmarks: sample pages, plain-process limits, counters, reporting.
+
+Benchmarks are scripts, not tests: each prints its figures next to their goals.
+Ratios are measured side by side in one run because shared machines are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT) not in sys.path:  # run from a source checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+RESULTS: list[dict] = []
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="smaller run (about a minute)")
+    p.add_argument("--workdir", default=None, help="folder for samples and stores (default: a temporary one)")
+    p.add_argument("--json", default=None, help="append the figures as JSON lines to this file")
+    return p
+
+
+class Workdir:
+    """A scratch folder; samples made in it are reused by later benchmarks of the same run."""
+
+    def __init__(self, path: str | None):
+        self.owned = path is None
+        self.path = Path(path or tempfile.mkdtemp(prefix="pagecube-bench-"))
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> "Workdir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owned:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def fresh(self, name: str) -> Path:
+        p = self.path / name
+        if p.exists():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return p
+
+    def sample(self, pages: int = 200, image_size: tuple[int, int] = (800, 1200), seed: int = 0) -> Path:
+        """A synthetic sample (made once per workdir); returns its pages.txt."""
+        from pipeline.sample import make_sample
+
+        folder = self.path / f"sample-{pages}-{image_size[0]}x{image_size[1]}-{seed}"
+        listing = folder / "pages.txt"
+        if not listing.exists():
+            t = time.perf_counter()
+            make_sample(folder, pages, seed, image_size=image_size)
+            note(f"made a {pages}-page sample ({image_size[0]}x{image_size[1]}) in {time.perf_counter() - t:.1f} s")
+        return listing
+
+    def repeated(self, listing: Path, total: int) -> Path:
+        """A list file of ``total`` lines cycling through ``listing`` (same pages reused)."""
+        lines = [ln for ln in listing.read_text().splitlines() if ln.strip()]
+        base = listing.parent
+        out = self.path / f"{listing.parent.name}-x{total}.txt"
+        if not out.exists():
+            with open(out, "w") as f:
+                for i in range(total):
+                    f.write(str(base / lines[i % len(lines)]) + "\n")
+        return out
+
+
+def note(msg: str) -> None:
+    print(f"  . {msg}", flush=True)
+
+
+def header(title: str) -> None:
+    print(f"\n== {title}", flush=True)
+
+
+def figure(name: str, value: float, goal: str | None = None, unit: str = "", ok: bool | None = None,
+           json_path: str | None = None, fmt: str = "{:.3g}") -> dict:
+    """Print one figure with its goal and whether it is met."""
+    verdict = "" if ok is None else ("  MET" if ok else "  NOT MET")
+    goal_txt = f"   (goal {goal})" if goal else ""
+    print(f"  {name:<58} {fmt.format(value)}{(' ' + unit) if unit else ''}{goal_txt}{verdict}", flush=True)
+    row = {"name": name, "value": value, "unit": unit, "goal": goal, "ok": ok}
+    RESULTS.append(row)
+    if json_path:
+        with open(json_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return row
+
+
+def rss_mb(pid: int | None = None) -> float:
+    """Current resident set size (MiB) of a process, from /proc."""
+    with open(f"/proc/{pid or 'self'}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS (MiB) of this process image (VmHWM: unlike ru_maxrss it does not carry the
+    parent's peak over fork + exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def proc_write_bytes(pid: int | None = None) -> int:
+    """Bytes this process caused to be sent to the storage layer (/proc/PID/io write_bytes)."""
+    try:
+        with open(f"/proc/{pid or 'self'}/io") as f:
+            for line in f:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+def store_bytes(path: Path) -> tuple[int, int]:
+    """(sum of file sizes, sum of allocated blocks) under ``path``."""
+    size = blocks = 0
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            st = os.stat(os.path.join(dirpath, name))
+            size += st.st_size
+            blocks += st.st_blocks * 512
+    return size, blocks
+
+
+# --- counting the bytes given to the Zarr store ------------------------------------------------
+
+_COUNT = {"bytes": 0, "sets": 0}
+
+
+def install_store_counter() -> None:
+    """Count every byte handed to zarr's LocalStore (``set``), in this process."""
+    from zarr.storage import LocalStore
+
+    if getattr(LocalStore, "_pagecube_counted", False):
+        return
+    original = LocalStore.set
+
+    async def counted_set(self, key, value, *args, **kwargs):
+        _COUNT["bytes"] += len(value.to_bytes()) if hasattr(value, "to_bytes") else len(value)
+        _COUNT["sets"] += 1
+        return await original(self, key, value, *args, **kwargs)
+
+    LocalStore.set = counted_set
+    LocalStore._pagecube_counted = True
+
+
+def store_counter(reset: bool = False) -> dict:
+    out = {"bytes": _COUNT["bytes"], "sets": _COUNT["sets"], "pid": os.getpid(),
+           "write_bytes": proc_write_bytes()}
+    if reset:
+        _COUNT["bytes"] = _COUNT["sets"] = 0
+    return out
+
+
+# --- the plain-process limit: same preprocessing + forward, no Dask, no writes -------------------
+
+def _plain_worker(args):
+    (listing, start, stop, model, batch_size, max_panels, io_threads, barrier, queue) = args
+    import torch
+
+    torch.set_num_threads(1)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.inputs import PageSource
+    from pipeline.manifest import PageError, read_page
+    from pipeline.model.registry import load_model
+
+    m = load_model(model, max_panels=max_panels, device="cpu")
+    refs = PageSource(str(listing)).slice(start, stop).refs()
+
+    def load(ref):
+        try:
+            return m.prepare(read_page(ref, max_panels=max_panels))
+        except PageError:
+            return None
+
+    barrier.wait()
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    done = 0
+    pending = []
+    pages = ThreadPoolExecutor(io_threads).map(load, refs) if io_threads else map(load, refs)
+    for prepared in pages:
+        if prepared is None:
+            continue
+        pending.append(prepared)
+        if len(pending) >= batch_size:
+            m.forward(m.collate(pending))
+            done += len(pending)
+            pending = []
+    if pending:
+        m.forward(m.collate(pending))
+        done += len(pending)
+    queue.put((done, time.perf_counter() - t0, time.process_time() - c0))
+
+
+def plain_limit(listing: Path, n_pages: int, workers: int, model: str = "tiny", batch_size: int = 16,
+                max_panels: int = 12, io_threads: int = 4) -> dict:
+    """pages/s of ``workers`` independent spawned processes, each reading+preparing+forwarding its share.
+
+    Each process has torch at 1 thread and (like a pagecube worker) prepares pages
+    in a pool of ``io_threads`` threads ahead of the model (0: one page after the other).
+    The clock starts at a common barrier after every model is loaded.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(workers), ctx.Queue()
+    bounds = [(n_pages * i // workers, n_pages * (i + 1) // workers) for i in range(workers)]
+    procs = [ctx.Process(target=_plain_worker, args=((listing, a, b, model, batch_size, max_panels, io_threads,
+                                                      barrier, queue),)) for a, b in bounds]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    pages = sum(r[0] for r in results)
+    return {"pages_per_s": pages / max(r[1] for r in results), "cpu_per_page": sum(r[2] for r in results) / pages}
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _worker_cpu(dask_worker=None) -> float:
+    return _cpu_seconds()
+
+
+class LocalDask:
+    """A LocalCluster made the way ``pagecube build --cluster local`` makes it (W workers x 1 thread),
+    kept open so the benchmark can read the workers' CPU time and counters around a build."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+
+    def __enter__(self) -> "LocalDask":
+        from cluster import open_cluster
+
+        self._cm = open_cluster("local", workers=self.workers, threads_per_worker=1, device="cpu",
+                                dashboard_address=None)
+        self.handle = self._cm.__enter__()
+        self.client = self.handle.client
+        self.address = self.client.scheduler.address
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cm.__exit__(*exc)
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of (the workers, this process: client and scheduler live here)."""
+        return sum(self.client.run(_worker_cpu).values()), _cpu_seconds()
+
+    def warm(self, listing, out, kwargs) -> None:
+        """A small untimed build first: imports and first-call costs (client, scheduler, workers,
+        torch's first forward) are paid once per process, not per page of a real corpus."""
+        from pipeline import build
+
+        key = kwargs.get("model", "tiny")
+        if key in getattr(self, "_warmed", set()):
+            return
+        head = Path(str(out) + ".warm.txt")
+        with open(listing) as src, open(head, "w") as dst:
+            per = 4 if key == "tiny" else 1  # a large model's page takes seconds: one page a worker
+            for _, line in zip(range(2 * per * self.workers), src):
+                dst.write(line)
+        warm = {k: v for k, v in kwargs.items() if k not in ("chunk_pages", "overwrite")}
+        build(str(head), str(out) + ".warm", cluster=self.address, device="cpu", progress=False, overwrite=True,
+              chunk_pages=per, **warm)
+        shutil.rmtree(str(out) + ".warm", ignore_errors=True)
+        head.unlink()
+        self._warmed = getattr(self, "_warmed", set()) | {key}
+
+    def build(self, listing, out, n_pages: int, **kwargs) -> dict:
+        """Run ``pipeline.build`` on this cluster; pages/s (run phase) and CPU seconds per page."""
+        from cluster import install_resident
+        from pipeline import build
+        from pipeline.build import MODEL_FACTORY
+
+        # load the model on the workers first (the same plugin build() installs, so it is not
+        # reloaded there): its load time is not part of the build's per-page cost
+        install_resident(self.client, MODEL_FACTORY, {
+            "name": kwargs.get("model", "tiny"), "max_panels": kwargs.get("max_panels", 12), "embedding_dim": None,
+            "checkpoint": None, "seed": 0, "device": "cpu"})
+        self.warm(listing, out, kwargs)
+        c0 = self.cpu()
+        res = build(str(listing), str(out), cluster=self.address, device="cpu", progress=False, **kwargs)
+        c1 = self.cpu()
+        if res.done != res.planned_pages:
+            raise RuntimeError(f"build left {res.planned_pages - res.done} pages not done: {res.reasons[:2]}")
+        n = max(1, res.planned_pages)
+        return {"pages_per_s": res.pages_per_s, "cpu_per_page": (c1[0] - c0[0] + c1[1] - c0[1]) / n,
+                "worker_cpu_per_page": (c1[0] - c0[0]) / n, "client_cpu_per_page": (c1[1] - c0[1]) / n,
+                "seconds": res.seconds}
+
+
+def load_average() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def model_available(name: str) -> str | None:
+    """None if the built-in model's factory imports here, else why not (one line)."""
+    try:
+        from pipeline.model.registry import resolve_factory
+
+        resolve_factory(name)
+        return None
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+
+
+def quiet_logs() -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def synthetic_store(path: Path, n_pages: int, chunk_pages: int = 256, done_fraction: float = 0.9,
+                    failed_every: int = 1000) -> dict:
+    """A store of ``n_pages`` with the template only, and finished-chunk index entries written
+    directly for ``done_fraction`` of the chunks (every ``failed_every``-th one with a failed page).
+    Returns timings."""
+    from pipeline.store.index import INDEX_DIR, ChunkEntry
+    from pipeline.store.location import StoreLocation
+    from pipeline.store.template import StoreConfig, write_template
+
+    loc = StoreLocation.of(str(path))
+    cfg = StoreConfig(n_pages, chunk_pages, 12, 128, "float32", "tiny", "seed:0", f"synthetic:{n_pages}")
+    t = time.perf_counter()
+    write_template(loc, cfg, {"title": "synthetic"})
+    t_template = time.perf_counter() - t
+    n_chunks = -(-n_pages // chunk_pages)
+    n_done = int(n_chunks * done_fraction)
+    folder = Path(loc.meta_path(INDEX_DIR))
+    folder.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    for c in range(n_done):
+        length = min(chunk_pages, n_pages - c * chunk_pages)
+        failed = 1 if failed_every and c % failed_every == 0 else 0
+        open(folder / ChunkEntry(c, length - failed, failed).name, "wb").close()
+    return {"template_s": t_template, "index_s": time.perf_counter() - t, "n_chunks": n_chunks, "n_done": n_done}
+
+
+def chunk_files(path: Path) -> int:
+    """Files in a Zarr store that are not metadata (zarr.json) nor pagecube bookkeeping."""
+    n = 0
+    for dirpath, _, files in os.walk(path):
+        if "_pagecube" in Path(dirpath).relative_to(path).parts:
+            continue
+        n += sum(1 for f in files if f not in ("zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata"))
+    return n
