@@ -11,22 +11,10 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__", "build", "BuildResult", "BadArgument", "open_pages", "open_store", "store_status",
-           "ModelInfo", "PageModel"]
+from .build import BuildResult, build  # noqa: E402
+from .errors import BadArgument, BuildError  # noqa: E402
+from .model.protocol import ModelInfo, PageModel  # noqa: E402
+from .readers import open_pages, open_store, store_status  # noqa: E402
 
-# Imported on first use, so that light commands (``pagecube status``) do not pay for dask.array and torch.
-_LAZY = {
-    "build": ".build", "BuildResult": ".build", "BadArgument": ".errors",
-    "open_pages": ".readers", "open_store": ".readers", "store_status": ".readers",
-    "ModelInfo": ".model.protocol", "PageModel": ".model.protocol",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+__all__ = ["__version__", "build", "BuildResult", "BadArgument", "BuildError", "open_pages", "open_store",
+           "store_status", "ModelInfo", "PageModel"]
