@@ -22,14 +22,14 @@ import dask
 from . import __version__
 from .errors import BadArgument, BuildError
 from .inputs import InputError, PageSource
-from .model.registry import BUILTIN, ModelNotFound, resolve_factory
+from .model.registry import ModelNotFound, resolve_factory
 from .plan import default_chunk_pages, plan_build
 from .progress import Progress
 from .store import index as chunk_index
 from .store.debris import clean_debris
 from .store.grow import grow_store
 from .store.location import StoreLocation
-from .store.lock import StoreLocked, WriterLock, refuse_if_locked, clear_running, deaths_running, running_mark
+from .store.lock import WriterLock, refuse_if_locked, clear_running, deaths_running, running_mark
 from .store.template import CODECS, EMBEDDING_DTYPES, StoreConfig, read_config, write_template
 from .tasks import run_chunk
 from .types import JobSpec, Receipt
@@ -490,8 +490,6 @@ def _task_failure(exc: BaseException, task, deaths: int = 0) -> str:
 
 def _fail_range(job: JobSpec, task, reason: str) -> Receipt:
     """A task that kept failing (or killing workers): its unfinished pages become failed, with the reason."""
-    import numpy as np
-
     from .store.schema import STATUS_DONE, STATUS_FAILED
     from .store.writer import open_store_group
 

@@ -37,7 +37,7 @@ try:  # pragma: no cover - depends on the environment
 except ImportError as _exc:  # pragma: no cover
     raise ModuleNotFoundError(f"{INSTALL_HINT}; missing: {_exc.name}", name=_exc.name) from _exc
 
-from .checkpoint import CheckpointError, apply_state_dict, file_digest, load_state_dict  # noqa: E402
+from .checkpoint import CheckpointError, apply_state_dict, load_state_dict  # noqa: E402
 from .layers import (  # noqa: E402
     GatedFusion,
     GeometryEncoder,
@@ -47,6 +47,9 @@ from .layers import (  # noqa: E402
     decode_reading_order,
 )
 from .protocol import ModelInfo  # noqa: E402
+from .runtime import (  # noqa: E402
+    check_common, inference, named_outputs, resolve_device, seeded, to_device, weights_identity,
+)
 from .tiny import crop_panel  # noqa: E402
 
 DEFAULT_DIM = 384
@@ -203,23 +206,15 @@ class ClosureBaseModel:
         }
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, np.ndarray]:
-        on_cuda = self.device.startswith("cuda")
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
-            t = {k: v.to(self.device, non_blocking=on_cuda) for k, v in batch.items()}
+        with inference(self.device):
+            t = to_device(batch, self.device)
             mask = t["mask"]
             if t["crops"].shape[0] == 0:  # no panel in the whole batch: skip the backbones
                 out = self._empty(mask)
             else:
                 out = self.module(t["crops"], t["ids"], t["ids_mask"], t["boxes"], t["page_size"], mask)
             order = decode_reading_order(out["scores"], mask, out["start"])
-            panels = out["panels"].float() * mask.unsqueeze(-1)
-            return {
-                "page_embeddings": out["page"].float().cpu().numpy(),
-                "panel_embeddings": panels.cpu().numpy(),
-                "attention_weights": out["weights"].float().cpu().numpy(),
-                "reading_order": order.to(torch.int16).cpu().numpy(),
-            }
+            return named_outputs(out["page"], out["panels"], out["weights"], order, mask)
 
     def _empty(self, mask: Tensor) -> dict:
         b, p = mask.shape
@@ -239,12 +234,6 @@ def _no_init():
     return no_init_weights()
 
 
-def _resolve_device(device: str | None) -> str:
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
 def build_closure_lite_base(
     *,
     max_panels: int = 12,
@@ -257,10 +246,7 @@ def build_closure_lite_base(
     **options,
 ) -> ClosureBaseModel:
     """Factory for ``--model closure-lite-base`` (see :mod:`pipeline.model.registry`)."""
-    if options:
-        raise ValueError(f"model 'closure-lite-base' does not take option(s): {', '.join(sorted(options))}")
-    if max_panels < 1:
-        raise ValueError(f"max_panels must be >= 1, got {max_panels}")
+    check_common("closure-lite-base", options, max_panels)
     text_config = roberta_base_config()
     if not 3 <= max_text_tokens <= text_config.max_position_embeddings - 2:
         raise ValueError(f"max_text_tokens must be between 3 and {text_config.max_position_embeddings - 2}")
@@ -276,17 +262,13 @@ def build_closure_lite_base(
             embedding_dim = int(state["pool.query"].shape[0])
     dim = int(embedding_dim or DEFAULT_DIM)
     tokens = _FileTokens(tokenizer_dir, text_config.vocab_size) if tokenizer_dir is not None else _ByteTokens()
-    with torch.random.fork_rng(devices=[]):  # same seed -> same weights, caller's RNG untouched
-        torch.manual_seed(seed)
+    with seeded(seed):
         # a strict checkpoint load overwrites every weight: skip the (slow) random init then
         with _no_init() if state is not None else contextlib.nullcontext():
             module = ClosureLiteBase(dim, vit_b16_config(), text_config)
     if state is not None:
-        name = os.path.basename(os.fspath(checkpoint))
-        apply_state_dict(module, state, strict=True, source=name)
-        digest, source = file_digest(checkpoint), f"checkpoint:{name}"
-    else:
-        digest, source = f"seed:{seed}", "seeded-init"
+        apply_state_dict(module, state, strict=True, source=os.path.basename(os.fspath(checkpoint)))
+    digest, source = weights_identity(checkpoint, seed)
     info = ModelInfo(
         name="closure-lite-base", embedding_dim=dim, max_panels=int(max_panels),
         weights_digest=digest, weights_source=source,
@@ -296,7 +278,7 @@ def build_closure_lite_base(
             **{f"{k}_parameters": v for k, v in backbone_parameters(module).items()},
         },
     )
-    return ClosureBaseModel(module, tokens, info, _resolve_device(device), int(max_text_tokens))
+    return ClosureBaseModel(module, tokens, info, resolve_device(device), int(max_text_tokens))
 
 
 __all__ = ["build_closure_lite_base", "ClosureBaseModel", "ClosureLiteBase", "backbone_parameters",

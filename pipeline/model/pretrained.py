@@ -61,6 +61,7 @@ except ImportError as _exc:  # pragma: no cover
 from . import efficientnet, minilm  # noqa: E402
 from .checkpoint import file_digest  # noqa: E402
 from .layers import box_features, masked_softmax  # noqa: E402
+from .runtime import check_common, resolve_device  # noqa: E402
 from .tiny import crop_panel  # noqa: E402
 
 DEFAULT_DIM = 384
@@ -364,12 +365,6 @@ class PretrainedModel:
             }
 
 
-def _resolve_device(device: str | None) -> str:
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
 def build_pretrained(
     *,
     max_panels: int = 12,
@@ -387,12 +382,9 @@ def build_pretrained(
     **options,
 ) -> PretrainedModel:
     """Factory for ``--model pretrained`` (see :mod:`pipeline.model.registry`)."""
-    if options:
-        raise ValueError(f"model 'pretrained' does not take option(s): {', '.join(sorted(options))}")
+    check_common("pretrained", options, max_panels)
     if checkpoint is not None:
         raise ValueError("model 'pretrained' uses its packaged frozen weights and takes no --checkpoint")
-    if max_panels < 1:
-        raise ValueError(f"max_panels must be >= 1, got {max_panels}")
     if reading_direction not in ("ltr", "rtl"):
         raise ValueError(f"reading_direction must be 'ltr' or 'rtl', got {reading_direction!r}")
     if crop_size < 32:
@@ -419,7 +411,7 @@ def build_pretrained(
         weights_source=WEIGHTS_SOURCE,
         extra={**settings, "seed": int(seed), "recipe": RECIPE},
     )
-    return PretrainedModel(module, minilm.load_tokenizer(), info, _resolve_device(device), int(crop_size),
+    return PretrainedModel(module, minilm.load_tokenizer(), info, resolve_device(device), int(crop_size),
                            reading_direction)
 
 

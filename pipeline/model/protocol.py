@@ -9,9 +9,12 @@ model never has to know about Zarr.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..pages import Page
 
 #: The outputs every model returns from ``forward`` for a batch of B pages
 #: with a panel cap of P and an embedding dimension of D.
@@ -42,7 +45,7 @@ class PageModel(Protocol):
     info: ModelInfo
     device: str
 
-    def prepare(self, page: "Page") -> Any:  # noqa: F821 - pipeline.pages.Page
+    def prepare(self, page: "Page") -> Any:
         """CPU work for one page (crops, resize, tokenisation). Thread-safe."""
 
     def collate(self, prepared: list[Any]) -> Any:

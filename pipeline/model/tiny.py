@@ -13,7 +13,6 @@ and nothing mixes pages of a batch.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, apply_state_dict, file_digest, load_state_dict
+from .checkpoint import CheckpointError, apply_state_dict, load_state_dict
 from .layers import (
     GatedFusion,
     GeometryEncoder,
@@ -33,6 +32,7 @@ from .layers import (
     masked_mean,
 )
 from .protocol import ModelInfo
+from .runtime import check_common, inference, named_outputs, resolve_device, seeded, to_device, weights_identity
 
 DEFAULT_DIM = 128
 _MEAN, _STD = 0.5, 0.25  # fixed pixel normalisation: no dataset statistics needed
@@ -178,33 +178,16 @@ class TinyModel:
         return batch
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, np.ndarray]:
-        on_cuda = self.device.startswith("cuda")
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
-            t = {k: v.to(self.device, non_blocking=on_cuda) for k, v in batch.items()}
+        with inference(self.device):
+            t = to_device(batch, self.device)
             out = self.module(t["crops"], t["tokens"], t["boxes"], t["page_size"], t["mask"])
             order = decode_reading_order(out["scores"], t["mask"], out["start"])
-            mask = t["mask"].unsqueeze(-1)
-            panels = out["panels"].float() * mask
-            return {
-                "page_embeddings": out["page"].float().cpu().numpy(),
-                "panel_embeddings": panels.cpu().numpy(),
-                "attention_weights": out["weights"].float().cpu().numpy(),
-                "reading_order": order.to(torch.int16).cpu().numpy(),
-            }
+            return named_outputs(out["page"], out["panels"], out["weights"], order, t["mask"])
 
 
 def _seeded_encoder(dim: int, seed: int) -> TinyEncoder:
-    """Same seed → same weights, without disturbing the caller's global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return TinyEncoder(dim)
-
-
-def _resolve_device(device: str) -> str:
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 def build_tiny(
@@ -219,10 +202,7 @@ def build_tiny(
     **options,
 ) -> TinyModel:
     """Factory for ``--model tiny`` (see :mod:`pipeline.model.registry`)."""
-    if options:
-        raise ValueError(f"model 'tiny' does not take option(s): {', '.join(sorted(options))}")
-    if max_panels < 1:
-        raise ValueError(f"max_panels must be >= 1, got {max_panels}")
+    check_common("tiny", options, max_panels)
     if checkpoint is not None:
         state = load_state_dict(checkpoint)
         if embedding_dim is None and "pool.query" in state:
@@ -230,16 +210,13 @@ def build_tiny(
     dim = int(embedding_dim or DEFAULT_DIM)
     module = _seeded_encoder(dim, seed)
     if checkpoint is not None:
-        name = os.path.basename(os.fspath(checkpoint))
-        apply_state_dict(module, state, strict=True, source=name)
-        digest, source = file_digest(checkpoint), f"checkpoint:{name}"
-    else:
-        digest, source = f"seed:{seed}", "seeded-init"
+        apply_state_dict(module, state, strict=True, source=os.path.basename(os.fspath(checkpoint)))
+    digest, source = weights_identity(checkpoint, seed)
     info = ModelInfo(
         name="tiny", embedding_dim=dim, max_panels=int(max_panels), weights_digest=digest, weights_source=source,
         extra={"crop_size": crop_size, "text_bytes": text_bytes},
     )
-    return TinyModel(module, info, _resolve_device(device), crop_size, text_bytes)
+    return TinyModel(module, info, resolve_device(device), crop_size, text_bytes)
 
 
 __all__ = ["build_tiny", "TinyModel", "TinyEncoder", "TinyPrepared", "CheckpointError"]
