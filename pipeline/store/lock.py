@@ -55,7 +55,7 @@ def read_lock(loc: StoreLocation) -> LockInfo | None:
     try:
         raw = loc.fs.cat_file(loc.meta_path(LOCK_NAME))
         return LockInfo(**json.loads(raw))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no lock (or no store folder at all)
         return None
     except (ValueError, TypeError):  # torn or foreign content: treat as stale debris
         return LockInfo("unreadable", "?", -1, 0.0, 0.0)

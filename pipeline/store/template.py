@@ -111,10 +111,21 @@ def write_template(loc: StoreLocation, config: StoreConfig, attrs: dict, codec: 
         comp = _compressors(codec, np.dtype(config.embedding_dtype))
         if comp != "auto":
             encoding[name]["compressors"] = comp
+    # Written in memory first, then copied with the root zarr.json (which holds the consolidated
+    # metadata) last: a reader never finds a store whose metadata is half there.
+    from zarr.storage import MemoryStore
+
+    keys: dict = {}
     with quiet_zarr_warnings():
+        ds.to_zarr(MemoryStore(keys), mode="w", compute=False, encoding=encoding, consolidated=True, zarr_format=3)
         clear_for_template(loc)
-        ds.to_zarr(loc.zarr_store, mode="a", compute=False, encoding=encoding, consolidated=True,
-                   zarr_format=3, storage_options=None)
+    fs, root = loc.fs, loc.root
+    for key in sorted(keys, key=lambda k: (k == "zarr.json", k)):
+        path = f"{root}/{key}"
+        if loc.is_local:
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, keys[key].to_bytes())
+    fs.invalidate_cache()
 
 
 def read_config(loc: StoreLocation) -> tuple[StoreConfig, dict]:
