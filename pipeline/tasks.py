@@ -30,7 +30,7 @@ from .inputs import SliceSpec
 from .manifest import PageError, read_page
 from .store.index import ChunkEntry, write_entry
 from .store.location import StoreLocation
-from .store.schema import STATUS_DONE, STATUS_FAILED, empty_region
+from .store.schema import MODEL_VARS, STATUS_DONE, STATUS_FAILED, empty_region
 from .store.writer import open_store_group, read_region, region_counts, verify_region, write_region
 from .types import ChunkTask, JobSpec, Receipt
 
@@ -191,13 +191,18 @@ def _index(loc: StoreLocation, before: np.ndarray, after: np.ndarray, task: Chun
             write_entry(loc, ChunkEntry(chunk, d1, f1), previous)
 
 
-def _fill_page(region: dict, i: int, page, ref_label: str) -> None:
-    k = page.n_kept
+def _fill_meta(region: dict, i: int, page) -> None:
+    """Page identity from the manifest: written for done pages and for pages the model failed on."""
     region["page_id"][i] = page.page_id
     for key in ("source", "series", "volume", "issue"):
         region[key][i] = page.meta[key]
     region["page_num"][i] = page.meta["page_num"]
     region["n_panels"][i] = min(page.n_panels, np.iinfo(np.int16).max)
+
+
+def _fill_page(region: dict, i: int, page) -> None:
+    k = page.n_kept
+    _fill_meta(region, i, page)
     region["panel_coordinates"][i, :k] = page.boxes
     region["text_content"][i, :k] = page.texts
     region["panel_mask"][i, :k] = True
@@ -209,6 +214,22 @@ def _keep_done(group, region: dict, keep: np.ndarray, start: int, stop: int) -> 
     for name, arr in region.items():
         stored = group[name][start:stop]
         arr[keep] = stored[keep]
+
+
+def _output_problem(out: dict, region: dict, i: int) -> str | None:
+    """Why one page's model outputs cannot be stored (a page is never done with NaN, inf or wrong shapes)."""
+    for name in MODEL_VARS:
+        if name not in out:
+            return f"model returned no {name!r}"
+        value = np.asarray(out[name])
+        target = region[name]
+        if value.shape != target.shape[1:]:
+            return f"model returned {name} of shape {value.shape}, expected {target.shape[1:]}"
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"model returned non-finite {name}"
+        if target.dtype.kind == "f" and np.abs(value).max(initial=0) > np.finfo(target.dtype).max:
+            return f"{name} overflows the store's {target.dtype} (use --embedding-dtype float32)"
+    return None
 
 
 def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
@@ -259,20 +280,24 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
                 results = [(i, page, {k: v[j] for k, v in outs.items()}) for j, (i, page, _) in enumerate(items)]
             except Exception:
                 if len(items) == 1:
-                    i, _, _ = items[0]
+                    i, page, _ = items[0]
                     import traceback
 
+                    _fill_meta(region, i, page)
                     fail(i, "model failed on this page: " + traceback.format_exc(limit=1).strip().splitlines()[-1])
                     return
                 for item in items:  # isolate the page that breaks the batch
                     run_batch([item])
                 return
         for i, page, out in results:
-            _fill_page(region, i, page, refs[i].label)
-            region["page_embeddings"][i] = out["page_embeddings"]
-            region["panel_embeddings"][i] = out["panel_embeddings"]
-            region["attention_weights"][i] = out["attention_weights"]
-            region["reading_order"][i] = out["reading_order"]
+            problem = _output_problem(out, region, i)
+            if problem:
+                _fill_meta(region, i, page)
+                fail(i, problem)
+                continue
+            _fill_page(region, i, page)
+            for name in MODEL_VARS:
+                region[name][i] = out[name]
             region["status"][i] = STATUS_DONE
 
     pending: list[tuple[int, object, object]] = []

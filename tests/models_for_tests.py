@@ -40,3 +40,27 @@ def slow_tiny(**kwargs):
     delay = float(os.environ.get("PAGECUBE_TEST_DELAY", "0.2"))
     inner = counting_tiny(**kwargs)
     return _Slow(inner, delay)
+
+
+class _Faulty(_Slow):
+    """Gives NaN embeddings for pages whose id ends in 3 and huge ones for ids ending in 5."""
+
+    def prepare(self, page):
+        return page.page_id, self.inner.prepare(page)
+
+    def collate(self, prepared):
+        return [pid for pid, _ in prepared], self.inner.collate([p for _, p in prepared])
+
+    def forward(self, batch):
+        ids, inner = batch
+        out = self.inner.forward(inner)
+        for j, pid in enumerate(ids):
+            if pid.endswith("3"):
+                out["page_embeddings"][j] = float("nan")
+            elif pid.endswith("5"):
+                out["panel_embeddings"][j] *= 1e6
+        return out
+
+
+def faulty_tiny(**kwargs):
+    return _Faulty(build_tiny(**kwargs), 0.0)
