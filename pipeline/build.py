@@ -405,6 +405,10 @@ def _run(plan, source, job, handle, resources, bar, reasons) -> list[Receipt]:
                         ac.add(submit(task, killed[task]))
                         continue
                 receipt = _fail_range(job, task, _task_failure(exc, task, deaths))
+                try:  # the scheduler's page counters count these failures too
+                    client.log_event("pagecube", {"done": 0, "failed": receipt.failed})
+                except Exception:  # pragma: no cover - counting never fails a build
+                    pass
             receipts.append(receipt)
             _take_receipt(receipt, bar, reasons)
             nxt = next(todo, None)
