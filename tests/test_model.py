@@ -20,7 +20,12 @@ from pipeline.model.checkpoint import (
     load_state_dict,
     save_safetensors,
 )
-from pipeline.model.layers import MaskedAttentionPool, decode_reading_order, masked_softmax
+from pipeline.model.layers import (
+    MaskedAttentionPool,
+    MaskedMultiHeadPool,
+    decode_reading_order,
+    masked_softmax,
+)
 from pipeline.model.protocol import PageModel
 from pipeline.model.registry import ModelNotFound, load_model
 from pipeline.pages import Page
@@ -295,3 +300,65 @@ def test_masked_pooling_layers():
     pool = MaskedAttentionPool(8)
     page, weights = pool(torch.randn(2, 3, 8), mask)
     assert torch.isfinite(page).all() and torch.equal(page[1], pool.empty.detach())
+
+
+def test_masked_multi_head_pool():
+    torch.manual_seed(0)
+    mask = torch.tensor([[True, True, True, False, False], [True, False, False, False, False], [False] * 5])
+    panels = torch.randn(3, 5, 16)
+    panels[~mask] = 0.0
+
+    # heads=1 with an identity output projection is exactly the single-query pool
+    single, multi = MaskedAttentionPool(16), MaskedMultiHeadPool(16, heads=1)
+    with torch.no_grad():
+        for name in ("query", "key.weight", "key.bias", "value.weight", "value.bias", "empty"):
+            multi.get_parameter(name).copy_(single.get_parameter(name))
+        multi.out.weight.copy_(torch.eye(16))
+        multi.out.bias.zero_()
+        page1, w1 = single(panels, mask)
+        page2, w2 = multi(panels, mask)
+    assert page2.shape == (3, 16) and w2.shape == (3, 5)
+    torch.testing.assert_close(page2, page1)
+    torch.testing.assert_close(w2, w1)
+
+    # the contract at 8 heads: sums to 1 on valid panels, exactly 0 on padding, finite empty page
+    pool = MaskedMultiHeadPool(16, heads=8)
+    assert pool.query.shape == (16,)
+    with torch.no_grad():
+        pool.empty.normal_()
+        page, weights = pool(panels, mask)
+        per_head = pool.head_weights(panels, mask)
+    assert torch.isfinite(page).all() and torch.isfinite(weights).all()
+    assert per_head.shape == (3, 8, 5) and (per_head[~mask.unsqueeze(1).expand_as(per_head)] == 0).all()
+    assert (weights[~mask] == 0).all() and (weights[2] == 0).all()
+    torch.testing.assert_close(weights[:2].sum(-1), torch.ones(2))
+    torch.testing.assert_close(per_head[:2].sum(-1), torch.ones(2, 8))
+    assert torch.equal(page[2], pool.empty.detach())
+    torch.testing.assert_close(weights, per_head.mean(1))
+    # a padded slot's content never leaks in, and pages of a batch stay apart
+    noisy = panels.clone()
+    noisy[~mask] = 1e3
+    with torch.no_grad():
+        page_n, weights_n = pool(noisy, mask)
+        alone, w_alone = pool(panels[:1], mask[:1])
+    torch.testing.assert_close(page_n, page)
+    assert torch.equal(weights_n, weights)
+    torch.testing.assert_close(alone[0], page[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(w_alone[0], weights[0], atol=1e-6, rtol=1e-6)
+
+    # different heads can attend to different panels
+    two = MaskedMultiHeadPool(4, heads=2)
+    with torch.no_grad():
+        two.key.weight.copy_(torch.eye(4))
+        two.key.bias.zero_()
+        two.query.copy_(torch.tensor([10.0, 0.0, 10.0, 0.0]))
+        x = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]])
+        m = torch.tensor([[True, True, False]])
+        heads = two.head_weights(x, m)[0]
+        _, mean = two(x, m)
+    assert heads[0].argmax() == 0 and heads[1].argmax() == 1 and heads[0, 0] > 0.9 and heads[1, 1] > 0.9
+    assert (heads[:, 2] == 0).all()
+    torch.testing.assert_close(mean[0, :2].sum(), torch.tensor(1.0))
+    assert abs(float(mean[0, 0] - mean[0, 1])) < 1e-6  # symmetric set-up: the mean splits evenly
+    with pytest.raises(ValueError, match="multiple of heads"):
+        MaskedMultiHeadPool(10, heads=8)

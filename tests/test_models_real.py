@@ -271,12 +271,42 @@ def test_closure_lite_base_sizes_checkpoint_roundtrip_and_missing_key(tmp_path):
     assert vision == _vit_params(vit_b16_config()) == 85_798_656  # ViT-B/16 (no pooler) ≈ 86M
     assert text == _roberta_params(roberta_base_config()) == 124_055_040  # RoBERTa-base (no pooler) ≈ 125M
 
-    pages = [_page("c", ["Captain, the engine is on fire!", ""], seed=9, layout="cols"), _empty_page()]
+    # page embedding and weights from masked multi-head attention pooling (8 heads of 48 dims)
+    from pipeline.model.layers import MaskedMultiHeadPool
+
+    pool = model.module.pool
+    assert isinstance(pool, MaskedMultiHeadPool) and (pool.heads, pool.head_dim) == (8, 48)
+    assert model.info.extra["pool_heads"] == 8
+    with torch.no_grad():
+        pool.empty.normal_()  # a trained-looking empty vector, so "equals empty" is not "equals zeros"
+
+    pages = [
+        _page("c", ["Captain, the engine is on fire!", ""], seed=9, layout="cols"),  # one padded slot
+        _empty_page(),
+        _page("d", DIALOGUE_B, seed=10),  # full: no padding
+    ]
     before = _run(model, pages)
-    _check_outputs(before, pages, 3, 384)
-    one = _run(model, pages[:1])
-    for k in one:
-        np.testing.assert_allclose(one[k][0], before[k][0], atol=1e-5, err_msg=k)
+    _check_outputs(before, pages, 3, 384)  # weights sum to 1 over valid panels, exactly 0 on padding
+    empty = pool.empty.detach().numpy()
+    assert (before["attention_weights"][1] == 0).all()
+    np.testing.assert_array_equal(before["page_embeddings"][1], empty)
+    assert before["attention_weights"][0, 2] == 0 and (before["attention_weights"][0, :2] > 0).all()
+    # the heads do not all attend alike, and the returned weights are their mean
+    batch = model.collate([model.prepare(p) for p in pages])
+    with torch.no_grad():
+        out = model.module(*(batch[k] for k in ("crops", "ids", "ids_mask", "boxes", "page_size", "mask")))
+        per_head = pool.head_weights(out["panels"], batch["mask"])
+    assert per_head.shape == (3, 8, 3)
+    np.testing.assert_allclose(per_head.mean(1).numpy(), before["attention_weights"], atol=1e-6)
+    assert float((per_head[2] - per_head[2].mean(0)).abs().max()) > 1e-4
+    # batch-of-1 equals batch-of-many, the zero-panel page alone too (the no-backbone path)
+    for i, p in enumerate(pages):
+        one = _run(model, [p])
+        for k in one:
+            np.testing.assert_allclose(one[k][0], before[k][i], atol=1e-5, err_msg=f"{p.page_id}: {k}")
+    alone = _run(model, [_empty_page()])
+    _check_outputs(alone, [_empty_page()], 3, 384)
+    np.testing.assert_array_equal(alone["page_embeddings"][0], empty)
 
     ckpt = tmp_path / "closure.safetensors"
     save_safetensors(model.module, ckpt)
@@ -295,5 +325,16 @@ def test_closure_lite_base_sizes_checkpoint_roundtrip_and_missing_key(tmp_path):
     del state
     with pytest.raises(CheckpointError, match=r"missing key\(s\): next_panel\.first\.bias"):
         load_model("closure-lite-base", max_panels=3, checkpoint=str(broken), tokenizer_dir=str(tok_dir))
+    # a checkpoint from the single-query pool (no output projection) is refused by name
+    state = load_file(str(ckpt))
+    assert state["pool.query"].shape == (384,) and state["pool.out.weight"].shape == (384, 384)
+    del state["pool.out.weight"], state["pool.out.bias"]
+    single = tmp_path / "single-query.safetensors"
+    save_file(state, str(single))
+    del state
+    with pytest.raises(CheckpointError, match=r"missing key\(s\):.*pool\.out\.bias"):
+        load_model("closure-lite-base", max_panels=3, checkpoint=str(single), tokenizer_dir=str(tok_dir))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        load_model("closure-lite-base", max_panels=3, embedding_dim=100)
     with pytest.raises(ValueError, match="tokenizer_dir"):
         load_model("closure-lite-base", max_panels=3, checkpoint=str(ckpt))

@@ -3,7 +3,8 @@
 ViT-B/16 on 224 px panel crops and RoBERTa-base on panel text, both built from
 ``transformers`` configurations (nothing is downloaded), each projected to the
 embedding dimension (384), panel geometry features, gated fusion, masked
-attention pooling to the page embedding and attention weights, and a bilinear
+multi-head attention pooling (8 heads, :class:`~pipeline.model.layers.MaskedMultiHeadPool`)
+to the page embedding and attention weights (the mean over heads), and a bilinear
 next-panel head whose pairwise scores are decoded into ``reading_order``.  The
 shared pieces come from :mod:`pipeline.model.layers`, so the outputs mean the
 same thing as the ``tiny`` model's.
@@ -41,7 +42,7 @@ from .checkpoint import CheckpointError, apply_state_dict, load_state_dict  # no
 from .layers import (  # noqa: E402
     GatedFusion,
     GeometryEncoder,
-    MaskedAttentionPool,
+    MaskedMultiHeadPool,
     NextPanelHead,
     box_features,
     decode_reading_order,
@@ -53,6 +54,7 @@ from .runtime import (  # noqa: E402
 from .tiny import crop_panel  # noqa: E402
 
 DEFAULT_DIM = 384
+POOL_HEADS = 8  # attention-pooling heads (48 dims each at 384)
 IMAGE_SIZE = 224
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # the ViT image processor's normalisation
 BOS_ID, PAD_ID, EOS_ID = 0, 1, 2  # RoBERTa's special ids
@@ -80,7 +82,7 @@ def roberta_base_config() -> "RobertaConfig":
 class ClosureLiteBase(nn.Module):
     """Backbones + projections + the shared CLOSURE-Lite head."""
 
-    def __init__(self, dim: int = DEFAULT_DIM, vit_config=None, text_config=None):
+    def __init__(self, dim: int = DEFAULT_DIM, vit_config=None, text_config=None, pool_heads: int = POOL_HEADS):
         super().__init__()
         self.vision = ViTModel(vit_config or vit_b16_config(), add_pooling_layer=False)
         self.text = RobertaModel(text_config or roberta_base_config(), add_pooling_layer=False)
@@ -88,7 +90,7 @@ class ClosureLiteBase(nn.Module):
         self.text_proj = nn.Linear(self.text.config.hidden_size, dim)
         self.geometry = GeometryEncoder(dim)
         self.fusion = GatedFusion(dim, 3)
-        self.pool = MaskedAttentionPool(dim)
+        self.pool = MaskedMultiHeadPool(dim, pool_heads)
         self.next_panel = NextPanelHead(dim)
 
     def forward(self, crops: Tensor, ids: Tensor, ids_mask: Tensor, boxes: Tensor, page_size: Tensor,
@@ -261,6 +263,11 @@ def build_closure_lite_base(
         if embedding_dim is None and "pool.query" in state:
             embedding_dim = int(state["pool.query"].shape[0])
     dim = int(embedding_dim or DEFAULT_DIM)
+    if dim < 1 or dim % POOL_HEADS:
+        raise ValueError(
+            f"model 'closure-lite-base': embedding_dim must be a positive multiple of {POOL_HEADS} "
+            f"(the attention-pooling heads), got {dim}"
+        )
     tokens = _FileTokens(tokenizer_dir, text_config.vocab_size) if tokenizer_dir is not None else _ByteTokens()
     with seeded(seed):
         # a strict checkpoint load overwrites every weight: skip the (slow) random init then
@@ -274,7 +281,7 @@ def build_closure_lite_base(
         weights_digest=digest, weights_source=source,
         extra={
             "vision": "vit-b16-224", "text": "roberta-base", "max_text_tokens": int(max_text_tokens),
-            "tokenizer": "file" if tokenizer_dir is not None else "bytes",
+            "tokenizer": "file" if tokenizer_dir is not None else "bytes", "pool_heads": POOL_HEADS,
             **{f"{k}_parameters": v for k, v in backbone_parameters(module).items()},
         },
     )

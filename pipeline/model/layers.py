@@ -111,6 +111,50 @@ class MaskedAttentionPool(nn.Module):
         return page, weights
 
 
+class MaskedMultiHeadPool(nn.Module):
+    """Learned-query multi-head attention over panels → page embedding ``[B, D]`` and weights ``[B, P]``.
+
+    The learned query, keys and values are split into ``heads`` heads of
+    ``D / heads`` dims; each head takes its own masked softmax over the valid
+    panels, the heads' pooled values are concatenated and go through an
+    output projection.  The returned weights are the mean over heads, so they
+    keep :class:`MaskedAttentionPool`'s contract: they sum to 1 over valid
+    panels and are exactly 0 on padding; a page with no panels gets all-zero
+    weights and the learned ``empty`` embedding (initialised to zeros).
+    ``query`` is stored flat (``[D]``), so its length is the embedding size.
+    """
+
+    def __init__(self, dim: int, heads: int = 8):
+        super().__init__()
+        if heads < 1 or dim % heads:
+            raise ValueError(f"MaskedMultiHeadPool: dim {dim} is not a multiple of heads {heads}")
+        self.heads = int(heads)
+        self.head_dim = dim // self.heads
+        self.query = nn.Parameter(torch.randn(dim) / math.sqrt(self.head_dim))
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+        self.empty = nn.Parameter(torch.zeros(dim))
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def head_weights(self, panels: Tensor, mask: Tensor) -> Tensor:
+        """Per-head attention ``[B, heads, P]``: each head sums to 1 over valid panels, 0 elsewhere."""
+        b, p, _ = panels.shape
+        keys = self.key(panels).reshape(b, p, self.heads, self.head_dim)
+        scores = (keys * self.query.reshape(self.heads, self.head_dim)).sum(-1) * self.scale  # [B, P, H]
+        return masked_softmax(scores.transpose(1, 2), mask.unsqueeze(1), dim=-1)
+
+    def forward(self, panels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        b, p, d = panels.shape
+        per_head = self.head_weights(panels, mask)  # [B, H, P] float32
+        values = self.value(panels).reshape(b, p, self.heads, self.head_dim)
+        pooled = torch.einsum("bhp,bphd->bhd", per_head.to(values.dtype), values).reshape(b, d)
+        pooled = self.out(pooled)
+        has_any = mask.any(dim=1, keepdim=True)
+        page = torch.where(has_any, pooled, self.empty.to(pooled.dtype).expand_as(pooled))
+        return page, per_head.mean(dim=1)
+
+
 class NextPanelHead(nn.Module):
     """Pairwise scores ``s[b, i, j]`` that panel j is read right after panel i, plus a "first" score.
 
