@@ -145,6 +145,10 @@ def test_every_bad_input_kind_is_failed_or_handled_and_retry_failed_redoes_only_
     assert text[by["text_lone_surrogate"]][0] == "lone \ufffd here"
     assert pid[by["duplicate_page_id"]] == pid[0]  # duplicates are both kept (page axis = list order)
     assert np.array_equal(emb[by["duplicate_page_id"]], emb[0])
+    from pipeline.diagnose import diagnose
+
+    notes = " ".join(diagnose(str(store)).notes)
+    assert f"page ids (e.g. {pid[0]!r} at pages 0, {by['duplicate_page_id']}" in notes
     # a clear summary line on stdout
     assert "failed" in proc.stdout
 
