@@ -12,8 +12,6 @@ Phases, each safe to repeat (bio2zarr style):
 from __future__ import annotations
 
 import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -29,35 +27,12 @@ from .store import index as chunk_index
 from .store.debris import clean_debris
 from .store.grow import grow_store
 from .store.location import StoreLocation
-from .store.lock import WriterLock, refuse_if_locked, clear_running, deaths_running, running_mark
+from .store.lock import WriterLock, clear_running, refuse_if_locked
 from .store.template import CODECS, EMBEDDING_DTYPES, StoreConfig, read_config, write_template
-from .tasks import run_chunk
-from .types import JobSpec, Receipt
+from .submit import ALLOWED_FAILURES, METRICS, WORKER_SATURATION, build_span, run_tasks, say, sigterm_as_interrupt
+from .types import JobSpec
 
 MODEL_FACTORY = "pipeline.model.registry:load_model"
-WINDOW_PER_THREAD = 2
-TASK_RETRIES = 2  # raised exceptions (I/O hiccups); worker deaths are bounded by allowed-failures
-#: Worker loss.  Dask's ``distributed.scheduler.allowed-failures`` (default 3) is set to 0 for
-#: clusters this process starts (a remote scheduler keeps its own): every worker death reaches the
-#: client at once as ``KilledWorker`` and one policy, below, decides.  A worker lost to a preemption
-#: or an OOM kill takes its tasks with it: they are submitted afresh (safe: tasks are idempotent).
-#: A task whose pages crash every process that runs them (a native-library crash, a page that
-#: exhausts memory) would kill workers for ever: once DEATHS_TO_FAIL processes died while really
-#: running it, its unfinished pages are marked failed with that reason (``_fail_range``) and the
-#: build ends.
-ALLOWED_FAILURES = 0
-#: Dask blames every task a dying worker held, including tasks queued behind (or overlapping) the
-#: one that crashed it.  So after KilledWorker the client counts how many processes died while
-#: really running the task's chunk (``running`` marks a dead process leaves in the store): fewer
-#: than DEATHS_TO_FAIL and the task is submitted afresh (at most KILLED_RESUBMITS times);
-#: otherwise its unfinished pages are failed with the count as the reason.
-DEATHS_TO_FAIL = 3  # two can be bad luck: an unrelated worker loss plus sharing a process with a crasher
-KILLED_RESUBMITS = 5
-#: Tasks sent to a worker per thread.  1.0: a worker holds only the tasks it is running, so a
-#: worker death counts against those alone (Dask's default 1.1 rounds up to one queued task
-#: more per worker, which would take the blame for a neighbour that crashes its worker).  The
-#: client's window already keeps the next tasks ready on the scheduler.
-WORKER_SATURATION = 1.0
 
 
 @dataclass
@@ -82,10 +57,6 @@ class BuildResult:
     @property
     def exit_code(self) -> int:
         return 0 if self.failed == 0 and self.pending == 0 else 3
-
-
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _validate(chunk_pages, batch_size, max_panels, workers, threads_per_worker, embedding_dtype, codec, device):
@@ -199,10 +170,10 @@ def build(
         dev = _resolve_device(device, handle)
         model_kwargs["device"] = dev
         if handle.dashboard_link:
-            _say(f"pagecube: Dask dashboard at {handle.dashboard_link}")
+            say(f"pagecube: Dask dashboard at {handle.dashboard_link}")
         client = handle.client
         for line in check_cluster(handle, dev, preflight_timeout):
-            _say(f"pagecube: warning: {line}")
+            say(f"pagecube: warning: {line}")
         try:
             if client is not None:
                 resident = install_resident(client, MODEL_FACTORY, model_kwargs)
@@ -233,12 +204,12 @@ def build(
 
         with WriterLock(loc, take_over=take_over_lock) as lock:
             if lock.took_over_from:
-                _say(f"pagecube: took over the store lock from {lock.took_over_from}")
+                say(f"pagecube: took over the store lock from {lock.took_over_from}")
             clean_debris(loc)
             clear_running(loc)  # marks of an earlier build's dead processes do not count now
             if grow_from:
                 grow_store(loc, n_pages, config.input_digest, chunk_pages, grow_from)
-                _say(f"pagecube: grew store {loc} from {grow_from} to {n_pages} pages")
+                say(f"pagecube: grew store {loc} from {grow_from} to {n_pages} pages")
             if existing is None:
                 write_template(loc, config, {
                     "model_weights_source": info["weights_source"],
@@ -246,7 +217,7 @@ def build(
                     "inputs": os.fspath(pages),
                     "title": "pagecube embedding store",
                 }, codec=codec)
-                _say(f"pagecube: created store {loc} for {n_pages} pages "
+                say(f"pagecube: created store {loc} for {n_pages} pages "
                      f"({config.n_pages // chunk_pages + bool(n_pages % chunk_pages)} chunks of {chunk_pages})")
             if init_only:
                 return BuildResult(str(loc), n_pages, 0, 0, 0, time.monotonic() - t_start, handle.dashboard_link)
@@ -255,7 +226,7 @@ def build(
             complete = {c for c, e in entries.items() if not (retry_failed and e.failed)}
             plan = plan_build(n_pages, chunk_pages, complete)
             if plan.complete_chunks:
-                _say(f"pagecube: resuming: {plan.complete_chunks} of {plan.n_chunks} chunks already complete")
+                say(f"pagecube: resuming: {plan.complete_chunks} of {plan.n_chunks} chunks already complete")
             job = JobSpec(
                 store_url=loc.url, storage_options=loc.storage_options, run_id=lock.info.run_id,
                 n_pages=n_pages, chunk_pages=chunk_pages, max_panels=max_panels,
@@ -268,11 +239,11 @@ def build(
             t_run = time.monotonic()
             reasons: list[str] = []
             try:
-                with _sigterm_as_interrupt(), _build_span(client, job.run_id):
-                    receipts = _run(plan, source, job, handle, resources, bar, reasons)
+                with sigterm_as_interrupt(), build_span(client, job.run_id):
+                    receipts = run_tasks(plan, source, job, handle, resources, bar, reasons)
             except KeyboardInterrupt:
                 bar.close()
-                _say(f"pagecube: interrupted; finished chunks are kept. Resume with the same command "
+                say(f"pagecube: interrupted; finished chunks are kept. Resume with the same command "
                      f"(pagecube build {pages} --out {out})")
                 raise
             finally:
@@ -303,121 +274,9 @@ class _QuietClose:
         except Exception as err:
             if exc[0] is not None:
                 raise
-            _say(f"pagecube: warning: the cluster did not shut down cleanly ({type(err).__name__}); "
+            say(f"pagecube: warning: the cluster did not shut down cleanly ({type(err).__name__}); "
                  "the build itself finished")
             return False
-
-
-#: Counters tasks log under the Dask event topic "pagecube"; served on the scheduler's /metrics as
-#: pagecube_pages_done_total and pagecube_pages_failed_total when prometheus_client is installed there.
-METRICS = {"done": "Pages written with status done by pagecube builds",
-           "failed": "Pages marked failed by pagecube builds"}
-
-
-def _build_span(client, run_id: str):
-    """A Dask span named after the build: its tasks' fine performance metrics (read, inference, write)
-    are grouped under it on the dashboard and in the scheduler's spans extension."""
-    if client is None:
-        import contextlib
-
-        return contextlib.nullcontext()
-    import distributed
-
-    return distributed.span(f"pagecube-build-{run_id}")
-
-
-class _sigterm_as_interrupt:
-    """SIGTERM stops a build the same clean way as Ctrl-C."""
-
-    def __enter__(self):
-        self._old = None
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            pass
-        return self
-
-    @staticmethod
-    def _raise(signum, frame):
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
-def _take_receipt(receipt: Receipt, bar: Progress, reasons: list[str]) -> None:
-    if receipt.skipped:
-        bar.update(receipt.done, receipt.failed)
-        return
-    bar.update(receipt.done, receipt.failed)
-    for r in receipt.reasons:
-        if len(reasons) < 20:
-            reasons.append(f"pages [{receipt.start}, {receipt.stop}): {r}")
-
-
-def _run(plan, source, job, handle, resources, bar, reasons) -> list[Receipt]:
-    receipts: list[Receipt] = []
-    client = handle.client
-    if client is None:
-        for task in plan.tasks:
-            d = dask.delayed(run_chunk, pure=False)(task, source.slice(task.start, task.stop), job,
-                                                    dask_key_name=f"{task.key}-{job.run_id}")
-            try:
-                receipt = d.compute(scheduler="sync")
-            except Exception as exc:  # as on a cluster: the range's pages fail with the reason, the build goes on
-                receipt = _fail_range(job, task, _task_failure(exc, task))
-            receipts.append(receipt)
-            _take_receipt(receipt, bar, reasons)
-        return receipts
-
-    from distributed import as_completed
-
-    threads = max(1, sum(client.nthreads().values()))
-    window = max(2, WINDOW_PER_THREAD * threads)
-    todo = iter(plan.tasks)
-
-    def submit(task, attempt: int = 0):
-        again = f"-again{attempt}" if attempt else ""
-        d = dask.delayed(_run_chunk_marked, pure=False)(task, source.slice(task.start, task.stop), job,
-                                                        dask_key_name=f"{task.key}-{job.run_id}{again}")
-        fut = client.compute(d, retries=TASK_RETRIES, resources=resources)
-        fut.pagecube_task = task
-        return fut
-
-    # no list of the first futures is kept: a finished future held here keeps its result pinned to
-    # its worker, and a worker death would then recompute it
-    ac = as_completed([submit(t) for _, t in zip(range(window), todo)])
-    killed: dict = {}
-    try:
-        for fut in ac:
-            task = fut.pagecube_task
-            try:
-                receipt = fut.result()
-            except Exception as exc:
-                deaths = 0
-                if type(exc).__name__ == "KilledWorker":
-                    deaths = deaths_running(StoreLocation(job.store_url, job.storage_options), task.chunk)
-                    if deaths < DEATHS_TO_FAIL and killed.get(task, 0) < KILLED_RESUBMITS:
-                        killed[task] = killed.get(task, 0) + 1
-                        _say(f"pagecube: a worker died while holding pages [{task.start}, {task.stop}); "
-                             "running them again in a fresh task")
-                        ac.add(submit(task, killed[task]))
-                        continue
-                receipt = _fail_range(job, task, _task_failure(exc, task, deaths))
-                try:  # the scheduler's page counters count these failures too
-                    client.log_event("pagecube", {"done": 0, "failed": receipt.failed})
-                except Exception:  # pragma: no cover - counting never fails a build
-                    pass
-            receipts.append(receipt)
-            _take_receipt(receipt, bar, reasons)
-            nxt = next(todo, None)
-            if nxt is not None:
-                ac.add(submit(nxt))
-    except BaseException:
-        client.cancel(list(ac.futures))
-        raise
-    return receipts
 
 
 def _check_cluster_target(cluster) -> None:
@@ -474,43 +333,3 @@ def _growth(loc: StoreLocation, existing: StoreConfig, source: PageSource) -> in
     what = "is shorter than" if n_new < n_old else "does not start with"
     raise BadArgument(f"the page list ({n_new} pages) {what} the {n_old} pages store {loc} was built from; "
                       "only appending pages at the end is supported: use --overwrite or a new --out")
-
-
-def _run_chunk_marked(task, source, job):
-    """``run_chunk`` inside a running mark, so that a process death while running it can be counted."""
-    with running_mark(StoreLocation(job.store_url, job.storage_options), task.chunk):
-        return run_chunk(task, source, job)
-
-
-def _task_failure(exc: BaseException, task, deaths: int = 0) -> str:
-    if type(exc).__name__ == "KilledWorker":
-        if deaths:
-            return (f"worker processes died {deaths} times while running pages [{task.start}, {task.stop}) "
-                    "(a page may crash or exhaust the worker); not retried further")
-        return (f"workers kept dying while holding pages [{task.start}, {task.stop}) "
-                f"({KILLED_RESUBMITS + 1} tries); not retried further")
-    return f"task failed: {type(exc).__name__}: {exc}".splitlines()[0]
-
-
-def _fail_range(job: JobSpec, task, reason: str) -> Receipt:
-    """A task that kept failing (or killing workers): its unfinished pages become failed, with the reason."""
-    from .store.schema import STATUS_DONE, STATUS_FAILED
-    from .store.writer import open_store_group
-
-    loc = StoreLocation(job.store_url, job.storage_options)
-    group = open_store_group(loc, job.run_id + "-client")
-    status = group["status"][task.start:task.stop]
-    todo = status != STATUS_DONE
-    error = group["error"][task.start:task.stop]
-    error[todo] = reason
-    status[todo] = STATUS_FAILED
-    group["error"][task.start:task.stop] = error
-    group["status"][task.start:task.stop] = status
-    done = int((status == STATUS_DONE).sum())
-    for offset in range(0, len(task), job.chunk_pages):
-        part = status[offset: offset + job.chunk_pages]
-        chunk_index.write_entry(loc, chunk_index.ChunkEntry(task.chunk + offset // job.chunk_pages,
-                                                            int((part == STATUS_DONE).sum()),
-                                                            int((part == STATUS_FAILED).sum())))
-    clear_running(loc, task.chunk)
-    return Receipt(task.start, task.stop, done, int(todo.sum()), reasons=(reason,))

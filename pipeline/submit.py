@@ -1,0 +1,200 @@
+"""Submitting a plan: a bounded window of chunk tasks, and what happens when tasks fail or workers die.
+
+The client never builds the whole graph: it keeps ``WINDOW_PER_THREAD`` tasks
+per worker thread in flight (``as_completed``) and tops the window up as
+receipts come back.  Every task is safe to run twice, which is what lets a
+dead worker's tasks simply run again.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+import dask
+
+from .progress import Progress
+from .store import index as chunk_index
+from .store.location import StoreLocation
+from .store.lock import clear_running, deaths_running, running_mark
+from .tasks import run_chunk
+from .types import JobSpec, Receipt
+
+WINDOW_PER_THREAD = 2
+TASK_RETRIES = 2  # raised exceptions (I/O hiccups); worker deaths are bounded by allowed-failures
+#: Worker loss.  Dask's ``distributed.scheduler.allowed-failures`` (default 3) is set to 0 for
+#: clusters this process starts (a remote scheduler keeps its own): every worker death reaches the
+#: client at once as ``KilledWorker`` and one policy, below, decides.  A worker lost to a preemption
+#: or an OOM kill takes its tasks with it: they are submitted afresh (safe: tasks are idempotent).
+#: A task whose pages crash every process that runs them (a native-library crash, a page that
+#: exhausts memory) would kill workers for ever: once DEATHS_TO_FAIL processes died while really
+#: running it, its unfinished pages are marked failed with that reason (``_fail_range``) and the
+#: build ends.
+ALLOWED_FAILURES = 0
+#: Dask blames every task a dying worker held, including tasks queued behind (or overlapping) the
+#: one that crashed it.  So after KilledWorker the client counts how many processes died while
+#: really running the task's chunk (``running`` marks a dead process leaves in the store): fewer
+#: than DEATHS_TO_FAIL and the task is submitted afresh (at most KILLED_RESUBMITS times);
+#: otherwise its unfinished pages are failed with the count as the reason.
+DEATHS_TO_FAIL = 3  # two can be bad luck: an unrelated worker loss plus sharing a process with a crasher
+KILLED_RESUBMITS = 5
+#: Tasks sent to a worker per thread.  1.0: a worker holds only the tasks it is running, so a
+#: worker death counts against those alone (Dask's default 1.1 rounds up to one queued task
+#: more per worker, which would take the blame for a neighbour that crashes its worker).  The
+#: client's window already keeps the next tasks ready on the scheduler.
+WORKER_SATURATION = 1.0
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+#: Counters tasks log under the Dask event topic "pagecube"; served on the scheduler's /metrics as
+#: pagecube_pages_done_total and pagecube_pages_failed_total when prometheus_client is installed there.
+METRICS = {"done": "Pages written with status done by pagecube builds",
+           "failed": "Pages marked failed by pagecube builds"}
+
+
+def build_span(client, run_id: str):
+    """A Dask span named after the build: its tasks' fine performance metrics (read, inference, write)
+    are grouped under it on the dashboard and in the scheduler's spans extension."""
+    if client is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    import distributed
+
+    return distributed.span(f"pagecube-build-{run_id}")
+
+
+class sigterm_as_interrupt:
+    """SIGTERM stops a build the same clean way as Ctrl-C."""
+
+    def __enter__(self):
+        self._old = None
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._raise)
+        except ValueError:  # not the main thread
+            pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def take_receipt(receipt: Receipt, bar: Progress, reasons: list[str]) -> None:
+    if receipt.skipped:
+        bar.update(receipt.done, receipt.failed)
+        return
+    bar.update(receipt.done, receipt.failed)
+    for r in receipt.reasons:
+        if len(reasons) < 20:
+            reasons.append(f"pages [{receipt.start}, {receipt.stop}): {r}")
+
+
+def run_tasks(plan, source, job, handle, resources, bar, reasons) -> list[Receipt]:
+    receipts: list[Receipt] = []
+    client = handle.client
+    if client is None:
+        for task in plan.tasks:
+            d = dask.delayed(run_chunk, pure=False)(task, source.slice(task.start, task.stop), job,
+                                                    dask_key_name=f"{task.key}-{job.run_id}")
+            try:
+                receipt = d.compute(scheduler="sync")
+            except Exception as exc:  # as on a cluster: the range's pages fail with the reason, the build goes on
+                receipt = fail_range(job, task, task_failure(exc, task))
+            receipts.append(receipt)
+            take_receipt(receipt, bar, reasons)
+        return receipts
+
+    from distributed import as_completed
+
+    threads = max(1, sum(client.nthreads().values()))
+    window = max(2, WINDOW_PER_THREAD * threads)
+    todo = iter(plan.tasks)
+
+    def submit(task, attempt: int = 0):
+        again = f"-again{attempt}" if attempt else ""
+        d = dask.delayed(run_chunk_marked, pure=False)(task, source.slice(task.start, task.stop), job,
+                                                        dask_key_name=f"{task.key}-{job.run_id}{again}")
+        fut = client.compute(d, retries=TASK_RETRIES, resources=resources)
+        fut.pagecube_task = task
+        return fut
+
+    # no list of the first futures is kept: a finished future held here keeps its result pinned to
+    # its worker, and a worker death would then recompute it
+    ac = as_completed([submit(t) for _, t in zip(range(window), todo)])
+    killed: dict = {}
+    try:
+        for fut in ac:
+            task = fut.pagecube_task
+            try:
+                receipt = fut.result()
+            except Exception as exc:
+                deaths = 0
+                if type(exc).__name__ == "KilledWorker":
+                    deaths = deaths_running(StoreLocation(job.store_url, job.storage_options), task.chunk)
+                    if deaths < DEATHS_TO_FAIL and killed.get(task, 0) < KILLED_RESUBMITS:
+                        killed[task] = killed.get(task, 0) + 1
+                        say(f"pagecube: a worker died while holding pages [{task.start}, {task.stop}); "
+                             "running them again in a fresh task")
+                        ac.add(submit(task, killed[task]))
+                        continue
+                receipt = fail_range(job, task, task_failure(exc, task, deaths))
+                try:  # the scheduler's page counters count these failures too
+                    client.log_event("pagecube", {"done": 0, "failed": receipt.failed})
+                except Exception:  # pragma: no cover - counting never fails a build
+                    pass
+            receipts.append(receipt)
+            take_receipt(receipt, bar, reasons)
+            nxt = next(todo, None)
+            if nxt is not None:
+                ac.add(submit(nxt))
+    except BaseException:
+        client.cancel(list(ac.futures))
+        raise
+    return receipts
+
+
+def run_chunk_marked(task, source, job):
+    """``run_chunk`` inside a running mark, so that a process death while running it can be counted."""
+    with running_mark(StoreLocation(job.store_url, job.storage_options), task.chunk):
+        return run_chunk(task, source, job)
+
+
+def task_failure(exc: BaseException, task, deaths: int = 0) -> str:
+    if type(exc).__name__ == "KilledWorker":
+        if deaths:
+            return (f"worker processes died {deaths} times while running pages [{task.start}, {task.stop}) "
+                    "(a page may crash or exhaust the worker); not retried further")
+        return (f"workers kept dying while holding pages [{task.start}, {task.stop}) "
+                f"({KILLED_RESUBMITS + 1} tries); not retried further")
+    return f"task failed: {type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def fail_range(job: JobSpec, task, reason: str) -> Receipt:
+    """A task that kept failing (or killing workers): its unfinished pages become failed, with the reason."""
+    from .store.schema import STATUS_DONE, STATUS_FAILED
+    from .store.writer import open_store_group
+
+    loc = StoreLocation(job.store_url, job.storage_options)
+    group = open_store_group(loc, job.run_id + "-client")
+    status = group["status"][task.start:task.stop]
+    todo = status != STATUS_DONE
+    error = group["error"][task.start:task.stop]
+    error[todo] = reason
+    status[todo] = STATUS_FAILED
+    group["error"][task.start:task.stop] = error
+    group["status"][task.start:task.stop] = status
+    done = int((status == STATUS_DONE).sum())
+    for offset in range(0, len(task), job.chunk_pages):
+        part = status[offset: offset + job.chunk_pages]
+        chunk_index.write_entry(loc, chunk_index.ChunkEntry(task.chunk + offset // job.chunk_pages,
+                                                            int((part == STATUS_DONE).sum()),
+                                                            int((part == STATUS_FAILED).sum())))
+    clear_running(loc, task.chunk)
+    return Receipt(task.start, task.stop, done, int(todo.sum()), reasons=(reason,))
