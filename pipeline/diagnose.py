@@ -301,7 +301,8 @@ def _note_duplicate_ids(group, n: int, chunk_pages: int, report: Report) -> None
     values, counts = np.unique(hashes, return_counts=True)
     dup = values[counts > 1]
     if len(dup):
-        first = np.flatnonzero(np.isin(hashes, dup[:1]))
+        earliest = int(np.flatnonzero(np.isin(hashes, dup))[0])  # the duplicate seen first in page order
+        first = np.flatnonzero(hashes == hashes[earliest])
         example = str(ids[int(first[0])])
         report.notes.append(f"{int((counts[counts > 1]).sum())} pages share {len(dup)} page ids "
                             f"(e.g. {example!r} at pages {', '.join(map(str, first[:5]))}); "
