@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .inputs import PageRef, PageSource, join_path, parent
 from .manifest import PageError, build_page, load_image, parse_manifest, read_manifest_bytes
-from .readers import open_store
+from .readers import open_store, page_position
 from .store.schema import STATUS_DONE, STATUS_FAILED
 
 PENDING_GREY = (150, 150, 150)
@@ -71,11 +71,8 @@ def _font(size: int):
 
 def _find_page(ds, page: str, storage_options: dict | None = None) -> int:
     n = ds.sizes["page"]
-    m = re.fullmatch(r"@(\d+)", page.strip())
-    if m:
-        i = int(m.group(1))
-        if i >= n:
-            raise ShowError(f"page @{i} is out of range: the store has {n} pages (@0 .. @{n - 1})")
+    i = page_position(page, n, ShowError)
+    if i is not None:
         return i
     ids = ds["page_id"].values
     hits = np.flatnonzero(ids == page)

@@ -11,13 +11,13 @@ only.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import numpy as np
 import zarr
 
+from .readers import page_position
 from .store.location import StoreLocation, quiet_zarr_warnings
 from .store.schema import STATUS_DONE, STATUS_FAILED
 
@@ -105,11 +105,8 @@ def find_page(store, page_id: str, *, storage_options: dict | None = None, block
     group = _group if _group is not None else _open(store, storage_options)[1]
     ids = group["page_id"]
     n = int(ids.shape[0])
-    m = re.fullmatch(r"@(\d+)", page_id.strip())
-    if m:
-        i = int(m.group(1))
-        if i >= n:
-            raise SimilarError(f"page @{i} is out of range: the store has {n} pages (@0 .. @{n - 1})")
+    i = page_position(page_id, n, SimilarError)
+    if i is not None:
         return i
     size = _block_pages(group, block_pages, BLOCK_BYTES)
     for start, stop in _blocks(n, size):

@@ -218,3 +218,16 @@ def test_killed_build_resumes_and_keeps_finished_pages(sample40, tmp_path):
     ds = xr.open_zarr(store)
     assert (ds["status"].values == STATUS_DONE).all()
     np.testing.assert_array_equal(ds["written_at"].values[finished], stamps)
+
+
+def test_summary_by_page_id_or_position(small_store):
+    from pipeline.readers import page_summaries
+
+    ds = xr.open_zarr(small_store)
+    pid = str(ds["page_id"].values[5])
+    by_id = page_summaries(str(small_store), page_id=pid)
+    assert by_id[1].startswith(f"page 5  id={pid}")
+    assert page_summaries(str(small_store), page_id="@5") == by_id
+    proc = run_cli("summary", small_store, "--page-id", "no-such-page")
+    assert proc.returncode == 1 and "page id 'no-such-page' is not among the 40 pages" in proc.stderr
+    assert "Traceback" not in proc.stderr
