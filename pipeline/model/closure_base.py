@@ -49,7 +49,7 @@ from .layers import (  # noqa: E402
 )
 from .protocol import ModelInfo  # noqa: E402
 from .runtime import (  # noqa: E402
-    check_common, inference, named_outputs, resolve_device, seeded, to_device, weights_identity,
+    check_common, embedding_dim_of, inference, named_outputs, resolve_device, seeded, to_device, weights_identity,
 )
 from .tiny import crop_panel  # noqa: E402
 
@@ -260,9 +260,7 @@ def build_closure_lite_base(
                 "pass tokenizer_dir (a folder with tokenizer.json)"
             )
         state = load_state_dict(checkpoint)
-        if embedding_dim is None and "pool.query" in state:
-            embedding_dim = int(state["pool.query"].shape[0])
-    dim = int(embedding_dim or DEFAULT_DIM)
+    dim = embedding_dim_of(state, embedding_dim, DEFAULT_DIM)
     if dim < 1 or dim % POOL_HEADS:
         raise ValueError(
             f"model 'closure-lite-base': embedding_dim must be a positive multiple of {POOL_HEADS} "

@@ -35,6 +35,13 @@ def seeded(seed: int):
         yield
 
 
+def embedding_dim_of(state: dict, embedding_dim: int | None, default: int) -> int:
+    """The asked dimension, else the one a checkpoint was trained with (its pooling query), else the default."""
+    if embedding_dim is None and state is not None and "pool.query" in state:
+        return int(state["pool.query"].shape[0])
+    return int(embedding_dim or default)
+
+
 def weights_identity(checkpoint: str | None, seed: int) -> tuple[str, str]:
     """(weights_digest, weights_source) for the store's attributes and fingerprint."""
     if checkpoint is None:

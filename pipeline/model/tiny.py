@@ -32,7 +32,9 @@ from .layers import (
     masked_mean,
 )
 from .protocol import ModelInfo
-from .runtime import check_common, inference, named_outputs, resolve_device, seeded, to_device, weights_identity
+from .runtime import (
+    check_common, embedding_dim_of, inference, named_outputs, resolve_device, seeded, to_device, weights_identity,
+)
 
 DEFAULT_DIM = 128
 _MEAN, _STD = 0.5, 0.25  # fixed pixel normalisation: no dataset statistics needed
@@ -203,13 +205,10 @@ def build_tiny(
 ) -> TinyModel:
     """Factory for ``--model tiny`` (see :mod:`pipeline.model.registry`)."""
     check_common("tiny", options, max_panels)
-    if checkpoint is not None:
-        state = load_state_dict(checkpoint)
-        if embedding_dim is None and "pool.query" in state:
-            embedding_dim = int(state["pool.query"].shape[0])
-    dim = int(embedding_dim or DEFAULT_DIM)
+    state = load_state_dict(checkpoint) if checkpoint is not None else None
+    dim = embedding_dim_of(state, embedding_dim, DEFAULT_DIM)
     module = _seeded_encoder(dim, seed)
-    if checkpoint is not None:
+    if state is not None:
         apply_state_dict(module, state, strict=True, source=os.path.basename(os.fspath(checkpoint)))
     digest, source = weights_identity(checkpoint, seed)
     info = ModelInfo(

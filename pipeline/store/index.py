@@ -88,11 +88,3 @@ def remove_entry(loc: StoreLocation, entry: ChunkEntry) -> None:
         loc.fs.rm_file(loc.meta_path(INDEX_DIR, entry.name))
     except FileNotFoundError:
         pass
-
-
-def clear(loc: StoreLocation) -> None:
-    fs = loc.fs
-    try:
-        fs.rm(loc.meta_path(INDEX_DIR), recursive=True)
-    except FileNotFoundError:
-        pass
