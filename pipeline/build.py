@@ -27,7 +27,8 @@ from .store import index as chunk_index
 from .store.debris import clean_debris
 from .store.grow import grow_store
 from .store.location import StoreLocation
-from .store.lock import WriterLock, clear_running, refuse_if_locked
+from .store.conditional import supports_conditional_writes
+from .store.lock import WriterLock, clear_running, lease_seconds, refuse_if_locked
 from .store.template import CODECS, EMBEDDING_DTYPES, StoreConfig, read_config, write_template
 from .submit import ALLOWED_FAILURES, METRICS, WORKER_SATURATION, build_span, run_tasks, say, sigterm_as_interrupt
 from .types import JobSpec
@@ -122,6 +123,10 @@ def build(
     checks (workers joined, resources, model loaded, store writable) in seconds.
     """
     _validate(chunk_pages, batch_size, max_panels, workers, threads_per_worker, embedding_dtype, codec, device)
+    try:
+        lease_seconds()
+    except ValueError as exc:
+        raise BadArgument(str(exc)) from None
     if checkpoint is not None and "://" not in checkpoint:
         _check_readable(checkpoint)
     _check_cluster_target(cluster)
@@ -157,7 +162,7 @@ def build(
 
     from cluster import install_event_counters, install_resident, open_cluster
 
-    from .preflight import check_cluster, check_store
+    from .preflight import check_cluster, check_pages, check_store
 
     model_kwargs = {"name": model, "max_panels": max_panels, "embedding_dim": embedding_dim,
                     "checkpoint": checkpoint, "seed": seed, **(model_options or {})}
@@ -174,19 +179,19 @@ def build(
         client = handle.client
         for line in check_cluster(handle, dev, preflight_timeout):
             say(f"pagecube: warning: {line}")
+        resources = {"GPU": 1} if dev == "cuda" and client is not None else None
+        check_store(handle, loc, preflight_timeout, resources)  # before the model: a wrong path is refused in seconds
+        check_pages(handle, source, image_root, max_panels)
         try:
             if client is not None:
                 resident = install_resident(client, MODEL_FACTORY, model_kwargs)
-                resources = {"GPU": 1} if dev == "cuda" else None
                 info = client.submit(_model_info, resident, MODEL_FACTORY, model_kwargs, pure=False,
                                      resources=resources).result(timeout=preflight_timeout)
             else:
                 resident = "pagecube-model-sync"
-                resources = None
                 info = _model_info(resident, MODEL_FACTORY, model_kwargs)
         except Exception as exc:
             _model_load_failed(exc, model, checkpoint)
-        check_store(handle, loc, preflight_timeout, resources)
         if client is not None:
             install_event_counters(client, "pagecube", METRICS, namespace="pagecube_pages")
 
@@ -202,6 +207,9 @@ def build(
                 raise BadArgument(f"store {loc} was made with different settings: {'; '.join(diffs)}; "
                                   "use --overwrite to start afresh (or a new --out)")
 
+        if not supports_conditional_writes(loc):
+            say(f"pagecube: warning: store {loc} does not support conditional writes (If-None-Match, If-Match): "
+                "two builds that start at the same instant are not kept apart")
         with WriterLock(loc, take_over=take_over_lock) as lock:
             if lock.took_over_from:
                 say(f"pagecube: took over the store lock from {lock.took_over_from}")
@@ -240,7 +248,7 @@ def build(
             reasons: list[str] = []
             try:
                 with sigterm_as_interrupt(), build_span(client, job.run_id):
-                    receipts = run_tasks(plan, source, job, handle, resources, bar, reasons)
+                    receipts = run_tasks(plan, source, job, handle, resources, bar, reasons, lease=lock)
             except KeyboardInterrupt:
                 bar.close()
                 say(f"pagecube: interrupted; finished chunks are kept. Resume with the same command "
