@@ -85,7 +85,7 @@ def _remove_probe(url: str, storage_options: dict, name: str) -> None:
 
 
 def _nearest_existing(path: str) -> str:
-    while not os.path.isdir(path) and os.path.dirname(path) != path:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
     return path
 
@@ -110,6 +110,8 @@ def _see_local_probe(folder: str, name: str, token: str) -> str | None:
 
 def _check_local_store(client, loc: StoreLocation) -> None:
     folder = _nearest_existing(loc.url)
+    if not os.path.isdir(folder):
+        raise PreflightError(f"store {loc} is not writable from the workers: {folder} is a file, not a folder")
     token = uuid.uuid4().hex
     name = f".pagecube-probe-{token}"
     try:
