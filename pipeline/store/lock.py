@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import socket
 import threading
@@ -156,7 +157,9 @@ def fence(loc: StoreLocation, run_id: str) -> None:
     current = read_lock(loc)
     if current is None or current.run_id != run_id:
         holder = current.describe() if current is not None else "nobody (the lock was released)"
-        raise LeaseLost(f"run {run_id} no longer holds store {loc}: it is held by {holder}; write abandoned")
+        msg = f"run {run_id} no longer holds store {loc}: it is held by {holder}; write abandoned"
+        logging.getLogger("pagecube.lock").warning("pagecube: %s", msg)  # in the worker's log: who was fenced off
+        raise LeaseLost(msg)
 
 
 class WriterLock:
