@@ -75,6 +75,11 @@ BUCKETS = ("pages", "cubes")
 #: build with a cut-off worker would stall that long).  Dask checks every TTL, so it notices
 #: after TTL..2*TTL.
 WORKER_TTL = os.environ.get("PAGECUBE_TEST_WORKER_TTL", "10s")
+#: Dask drops a worker whose TCP connection has had unacknowledged data (or unanswered keepalives)
+#: for ``distributed.comm.timeouts.tcp`` (default 30 s): measured, that, not worker-ttl, is what
+#: notices a cut-off worker first.  Set this (e.g. "12s", at least 11 s) to give the scheduler a
+#: shorter one; unset keeps Dask's default.
+COMM_TCP_TIMEOUT = os.environ.get("PAGECUBE_TEST_COMM_TCP_TIMEOUT", "")
 REQUIRE_ENV = "PAGECUBE_REQUIRE_TEST_HOSTS"
 SHARED_ENV = "PAGECUBE_TESTHOSTS_SHARED"  # a folder of the runner every host sees (test side channel)
 _PROXY_VARS = ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy")
@@ -107,15 +112,21 @@ def why_unavailable() -> str | None:
             __import__(mod)
         except ImportError:
             return f"test hosts need the Python package {mod}"
-    probe = f"{PREFIX}-probe-{os.getpid()}"
-    made = _sh("ip", "netns", "add", probe, check=False)
-    if made.returncode != 0:
-        return f"cannot make a network namespace: {made.stderr.strip()}"
-    _sh("ip", "netns", "del", probe, check=False)
     try:
         os.makedirs(SCRATCH, exist_ok=True)  # the mount point; each host mounts its own tmpfs over it
     except OSError as exc:
         return f"cannot make the mount point {SCRATCH}: {exc}"
+    probe = f"{PREFIX}-probe-{os.getpid()}"
+    made = _sh("ip", "netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"cannot make a network namespace: {made.stderr.strip()}"
+    try:  # hostname and a private tmpfs, as every host's anchor makes them
+        inside = _sh("ip", "netns", "exec", probe, "unshare", "--uts", "--mount", "--propagation", "private",
+                     "sh", "-c", f"hostname pc-probe && mount -t tmpfs pc-probe {SCRATCH}", check=False)
+    finally:
+        _sh("ip", "netns", "del", probe, check=False)
+    if inside.returncode != 0:
+        return f"cannot make UTS and mount namespaces: {inside.stderr.strip()}"
     return None
 
 
@@ -258,6 +269,15 @@ class Host:
         self.procs.append(p)
         return p
 
+    def copy_in(self, src: str | os.PathLike, dst: str) -> None:
+        """Copy a file or folder of the runner to ``dst`` on this host (e.g. under ``/scratch``)."""
+        self.run(["mkdir", "-p", str(Path(dst).parent)], check=0)
+        self.run(["cp", "-r", str(src), dst], check=0)
+
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` exists as this host sees it (its own ``/scratch``)."""
+        return self.run(["test", "-e", path]).returncode == 0
+
     def log_path(self, name: str) -> Path:
         return self.cluster.logs / f"{self.name}-{name}.log"
 
@@ -311,7 +331,9 @@ class Host:
         elif self.name == "sched":
             self.service = self.popen([*DASK, "scheduler", "--host", self.ip, "--port", SCHED_PORT,
                                        "--dashboard-address", f"{self.ip}:{DASHBOARD_PORT}"],
-                                      env={"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": c.worker_ttl},
+                                      env={"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": c.worker_ttl,
+                                           **({"DASK_DISTRIBUTED__COMM__TIMEOUTS__TCP": COMM_TCP_TIMEOUT}
+                                              if COMM_TCP_TIMEOUT else {})},
                                       log="scheduler")
         elif self.name in WORKERS:
             self.service = self.popen([*DASK, "worker", f"tcp://pc-sched:{SCHED_PORT}", "--name", self.name,
@@ -343,6 +365,9 @@ class Cluster:
         self.hosts_file = self.workdir / "hosts"
         self.owner = owner
         self.hosts = {role: Host(self, role) for role in ROLES}
+
+    def __repr__(self) -> str:
+        return f"<Cluster 10.213.{self.n}.0/24 {list(self.hosts.values())}>"
 
     # --- addresses -------------------------------------------------------------------------------
     def ip(self, last: int) -> str:
@@ -415,12 +440,15 @@ class Cluster:
             ident = json.load(r)
         return {str(w.get("name", a)): a for a, w in ident.get("workers", {}).items()}
 
-    def wait_workers(self, names=WORKERS, timeout: float = 90) -> dict[str, str]:
+    def wait_workers(self, names=WORKERS, timeout: float = 90, not_at: dict | None = None) -> dict[str, str]:
+        """Wait until workers ``names`` are registered (a name in ``not_at``: at another address than
+        that, i.e. the restarted worker, not its stale entry)."""
+        not_at = not_at or {}
         deadline = time.monotonic() + timeout
         while True:
             try:
                 have = self.workers()
-                if all(n in have for n in names):
+                if all(n in have and have[n] != not_at.get(n) for n in names):
                     return have
             except OSError:
                 have = {}
@@ -536,6 +564,7 @@ class Cluster:
             have = self.workers()
         except OSError:
             have = {}
+        restarted = {}
         for w in WORKERS:
             h = self.hosts[w]
             if w not in have or h.service is None or h.service.poll() is not None:
@@ -547,10 +576,11 @@ class Cluster:
                         pass
                 h.kill()
                 h.start_service()
+                restarted[w] = have.get(w)
         for h in self.hosts.values():  # leftovers of a test (builds on clients ...)
             if h.name in ("client", "client2"):
                 h.kill()
-        self.wait_workers(timeout=timeout)
+        self.wait_workers(timeout=timeout, not_at=restarted)
         return self
 
     def down(self) -> None:
