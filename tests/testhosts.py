@@ -36,9 +36,18 @@ By hand (root)::
 
 Pytest: the ``testhosts`` fixture (session) brings the cluster up once;
 ``hosts`` (function) heals it before each test (links up, dead services
-respawned, both workers registered) and returns it.  Where namespaces cannot
-be made the tests skip with the reason, unless ``PAGECUBE_REQUIRE_TEST_HOSTS=1``
-(CI) turns that skip into a failure.
+respawned, both workers registered, client processes gone, the page log and
+model control reset) and returns it.  Where namespaces cannot be made the tests
+skip with the reason, unless ``PAGECUBE_REQUIRE_TEST_HOSTS=1`` (CI) turns that
+skip into a failure.
+
+``--model testhosts:logged_tiny`` is the tiny model plus a side channel through
+``cluster.shared`` (a runner folder every host sees): ``page_log`` says which
+host forwarded which page when, and ``set_model_control(delay=..., hold=...)``
+slows or holds the workers' batches (per host with ``{host}`` in the hold path).
+
+Limits: processes share one pid namespace (a pid is not per host); a killed
+``storage`` host comes back with an empty S3 server (moto keeps data in memory).
 """
 from __future__ import annotations
 
