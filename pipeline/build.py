@@ -79,11 +79,25 @@ def _resolve_device(device: str, handle) -> str:
     return "cuda" if handle.gpu else "cpu"
 
 
-def _model_info(resident: str, factory: str, kwargs: dict) -> dict:
-    from cluster import get_resident
-
-    model = get_resident(resident, fallback=(factory, kwargs))
+def _info_of(model) -> dict:
     return asdict(model.info)
+
+
+def _model_info(client, resident: str, factory: str, kwargs: dict) -> dict:
+    """The model's info, from every worker: they must all have loaded the same weights."""
+    from cluster import get_resident, resident_map
+
+    if client is None:
+        return _info_of(get_resident(resident, fallback=(factory, kwargs)))
+    infos = resident_map(client, resident, _info_of)  # beside busy task threads: needs no free one
+    digests = {}
+    for worker, info in infos.items():
+        digests.setdefault(info["weights_digest"], worker)
+    if len(digests) > 1:
+        (d1, w1), (d2, w2) = list(digests.items())[:2]
+        raise BuildError(f"the workers loaded different model weights: {w1} has {d1[:12]}, {w2} has {d2[:12]} "
+                         "(the same --checkpoint path holds different files on different machines)")
+    return next(iter(infos.values()))
 
 
 def build(
@@ -180,16 +194,14 @@ def build(
         for line in check_cluster(handle, dev, preflight_timeout):
             say(f"pagecube: warning: {line}")
         resources = {"GPU": 1} if dev == "cuda" and client is not None else None
-        check_store(handle, loc, preflight_timeout, resources)  # before the model: a wrong path is refused in seconds
+        check_store(handle, loc)  # before the model loads: a store only this machine sees is refused in seconds
         check_pages(handle, source, image_root, max_panels)
         try:
-            if client is not None:
-                resident = install_resident(client, MODEL_FACTORY, model_kwargs)
-                info = client.submit(_model_info, resident, MODEL_FACTORY, model_kwargs, pure=False,
-                                     resources=resources).result(timeout=preflight_timeout)
-            else:
-                resident = "pagecube-model-sync"
-                info = _model_info(resident, MODEL_FACTORY, model_kwargs)
+            resident = install_resident(client, MODEL_FACTORY, model_kwargs) if client is not None \
+                else "pagecube-model-sync"
+            info = _model_info(client, resident, MODEL_FACTORY, model_kwargs)
+        except BuildError:
+            raise
         except Exception as exc:
             _model_load_failed(exc, model, checkpoint)
         if client is not None:

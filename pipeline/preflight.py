@@ -63,23 +63,18 @@ def check_cluster(handle, device: str, timeout: float = DEFAULT_TIMEOUT) -> list
     return [f"version skew: {line}" for line in skew_lines(table)]
 
 
-def _write_probe(url: str, storage_options: dict, name: str, token: str) -> str:
+def _write_probe(url: str, storage_options: dict, token: str) -> str:
+    """On a worker: write a probe object under ``_pagecube/``; returns its name."""
     loc = StoreLocation(url, storage_options)
-    fs = loc.fs
-    if loc.is_local:
-        fs.makedirs(loc.meta_path(), exist_ok=True)
-    fs.pipe_file(loc.meta_path(name), token.encode())
-    try:
-        from distributed import get_worker
-
-        return get_worker().address
-    except Exception:  # pragma: no cover - not on a worker
-        return f"pid {os.getpid()}"
+    name = f"probe-{token}-{uuid.uuid4().hex[:8]}"
+    loc.fs.pipe_file(loc.meta_path(name), token.encode())
+    return name
 
 
 def _remove_probe(url: str, storage_options: dict, name: str) -> None:
+    loc = StoreLocation(url, storage_options)
     try:
-        StoreLocation(url, storage_options).fs.rm_file(StoreLocation(url, storage_options).meta_path(name))
+        loc.fs.rm_file(loc.meta_path(name))
     except FileNotFoundError:
         pass
 
@@ -124,10 +119,8 @@ def _check_local_store(client, loc: StoreLocation) -> None:
     finally:
         os.unlink(os.path.join(folder, name))
     for worker, why in seen.items():
-        if isinstance(why, BaseException):
-            why = f"{type(why).__name__}: {why}"
         if why is not None:
-            raise PreflightError(f"store {loc} is not reachable from the workers: worker {worker} ({why}); use a "
+            raise PreflightError(f"store {loc} is not reachable from the workers: worker {worker} ({_one_line(why)}); use a "
                                  "path every machine sees (a shared filesystem) or an object store URL (s3://...)")
 
 
@@ -152,18 +145,25 @@ def check_pages(handle, source, image_root: str | None, max_panels: int) -> None
         return  # no cluster, or a first page nobody can read: it fails with its reason like any bad page
     seen = client.run(_read_first_page, first, image_root, max_panels, on_error="return")
     for worker, why in seen.items():
-        if isinstance(why, BaseException):
-            why = f"{type(why).__name__}: {why}"
         if why is not None:
             raise PreflightError(f"the workers cannot read the pages: worker {worker} could not read the first "
-                                 f"page: {why}; put pages and images where every machine sees them (a shared "
+                                 f"page: {_one_line(why)}; put pages and images where every machine sees them (a shared "
                                  "filesystem or an object store)")
 
 
-def check_store(handle, loc: StoreLocation, timeout: float = DEFAULT_TIMEOUT, resources: dict | None = None) -> None:
-    """The workers see the same store as this machine (see the module docstring)."""
-    from cluster import ClusterError, run_probe
+def _one_line(why) -> str:
+    if isinstance(why, BaseException):
+        text = str(why).strip().splitlines()
+        return f"{type(why).__name__}: {text[0] if text else ''}"
+    return str(why)
 
+
+def check_store(handle, loc: StoreLocation) -> None:
+    """Every worker sees the same store as this machine (see the module docstring).
+
+    Probes run in the workers' event loops (``client.run``), not as tasks: they
+    answer at once even while a worker's threads are busy.
+    """
     client = handle.client
     if client is None:
         return
@@ -171,22 +171,25 @@ def check_store(handle, loc: StoreLocation, timeout: float = DEFAULT_TIMEOUT, re
         _check_local_store(client, loc)
         return
     token = uuid.uuid4().hex
-    name = f"probe-{token}"
+    written = client.run(_write_probe, loc.url, loc.storage_options, token, on_error="return")
     try:
-        worker = run_probe(client, _write_probe, loc.url, loc.storage_options, name, token, timeout=timeout,
-                           resources=resources, what=f"writing to store {loc}")
-    except ClusterError as exc:
-        raise PreflightError(f"store {loc} is not writable from the workers: {exc}") from None
-    try:
-        seen = loc.fs.cat_file(loc.meta_path(name)).decode(errors="replace")
-    except Exception:  # noqa: BLE001 - any failure means the client cannot see the workers' writes
-        seen = None
-    if seen != token:
-        try:
-            client.submit(_remove_probe, loc.url, loc.storage_options, name, pure=False).result(timeout=timeout)
-        except Exception:  # noqa: BLE001 - best effort
-            pass
-        raise PreflightError(f"store {loc} is not shared with the workers: worker {worker} wrote a probe there that "
-                             "this machine cannot read; use a path every machine sees (shared filesystem) or an "
-                             "object store URL")
-    _remove_probe(loc.url, loc.storage_options, name)
+        for worker, name in written.items():
+            if isinstance(name, BaseException):
+                raise PreflightError(f"store {loc} is not writable from the workers: worker {worker}: "
+                                     f"{_one_line(name)}")
+            try:
+                seen = loc.fs.cat_file(loc.meta_path(name)).decode(errors="replace")
+            except Exception:  # noqa: BLE001 - any failure means this machine cannot see the workers' writes
+                seen = None
+            if seen != token:
+                raise PreflightError(f"store {loc} is not shared with the workers: worker {worker} wrote a probe "
+                                     "there that this machine cannot read; use a path every machine sees (shared "
+                                     "filesystem) or an object store URL")
+    finally:
+        for worker, name in written.items():
+            if isinstance(name, str):
+                try:
+                    client.run(_remove_probe, loc.url, loc.storage_options, name, workers=[worker],
+                               on_error="ignore")
+                except Exception:  # noqa: BLE001 - best effort
+                    pass

@@ -12,10 +12,7 @@ steered by environment variables (inherited by Dask worker processes):
 - ``FAULTKIT_GATE``: ``forward`` waits until this file exists (a build that is
   held in the middle of its work for as long as a test needs);
 - ``FAULTKIT_PIDDIR``: each process that loads the model writes a file named by
-  its pid there (how a test finds worker processes to kill);
-- ``FAULTKIT_HOLD``: ``forward`` waits while this file exists and the running
-  Dask task's key contains the file's text (a task of one chunk, or of one
-  run, held back for as long as a test needs; an empty file matches nothing).
+  its pid there (how a test finds worker processes to kill).
 """
 from __future__ import annotations
 
@@ -66,7 +63,6 @@ class QuickModel:
         return prepared
 
     def forward(self, batch):
-        _hold()
         gate = os.environ.get("FAULTKIT_GATE")
         while gate and not os.path.exists(gate):
             time.sleep(0.02)
@@ -89,30 +85,6 @@ class QuickModel:
                 pos[order] = np.arange(n)
                 out["reading_order"][i, :n] = pos
         return out
-
-
-def _current_task() -> str:
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().get_current_task() or "")
-    except Exception:  # noqa: BLE001 - not on a worker
-        return ""
-
-
-def _hold() -> None:
-    path = os.environ.get("FAULTKIT_HOLD")
-    if not path:
-        return
-    key = _current_task()
-    while True:
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            return
-        if not text or text not in key:
-            return
-        time.sleep(0.05)
 
 
 def quick_model(*, max_panels=12, embedding_dim=None, checkpoint=None, device="cpu", seed=0, **options):

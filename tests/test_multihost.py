@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import re
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -112,6 +113,195 @@ def test_spread_build_equals_sync_build(hosts, reference):
     print(f"\n[multihost] spread build: {N_PAGES} pages in {took:.1f} s, pages per host {dict(by_host)}")
 
 
+def _one_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_store_or_pages_only_the_client_sees_are_refused(hosts, pages):
+    """--out on the client's own /scratch, or images only there: refused by pre-flight in seconds, one line,
+    nothing written anywhere (not on the client's disk, not on the workers', not on S3)."""
+    c = hosts
+    fs = c.fs()
+    cubes_before = sorted(fs.ls("cubes", refresh=True))
+    c.client.run(["mkdir", "-p", "/scratch/cubes"], check=0)
+    t0 = time.monotonic()
+    p = c.client.run(build_cmd(c, "/scratch/cubes/cube.zarr"), timeout=120)
+    took = time.monotonic() - t0
+    assert p.returncode == 1, p.stdout + p.stderr
+    line = _one_line(p.stderr.replace(_dashboard_line(p.stderr), ""))
+    assert "store /scratch/cubes/cube.zarr is not reachable from the workers" in line, line
+    assert "pc-w1" in line or "pc-w2" in line, line
+    assert took < 60, f"refused only after {took:.0f} s"
+    for h in (c.client, c.w1, c.w2):
+        assert h.run(["sh", "-c", "ls -A /scratch/cubes 2>/dev/null"]).stdout.strip() == "", h
+    assert sorted(fs.ls("cubes", refresh=True)) == cubes_before
+
+    # images on the client's scratch disk only: manifests on S3, --image-root a client-only folder
+    local = c.shared / "client-images"
+    fs.get("pages/m/images/", str(local) + "/", recursive=True)
+    c.client.copy_in(local, "/scratch/images")
+    p = c.client.run(build_cmd(c, "s3://cubes/images-elsewhere.zarr", "--image-root", "/scratch/images"),
+                     timeout=120)
+    assert p.returncode == 1, p.stdout + p.stderr
+    line = _one_line(p.stderr.replace(_dashboard_line(p.stderr), ""))
+    assert "the workers cannot read the pages" in line and "image not found: /scratch/images/" in line, line
+    assert not fs.exists("cubes/images-elsewhere.zarr")
+    print(f"\n[multihost] client-only store refused in {took:.1f} s: {line}")
+
+
+def _dashboard_line(err: str) -> str:
+    return next((ln + "\n" for ln in err.splitlines() if "dashboard at" in ln), "")
+
+
+def test_client_host_dies_mid_build(hosts, reference):
+    """The client is killed mid-build.  client2 is refused (naming the holder's host) while the lease is
+    live, takes over once it expired, recomputes no finished chunk, and the old run's task still on a
+    worker (held back until after the takeover) writes nothing: it is fenced off."""
+    import json
+    import subprocess
+
+    c = hosts
+    out, root = "s3://cubes/lost-client.zarr", "cubes/lost-client.zarr"
+    fs = c.fs()
+    lease = {"PAGECUBE_LOCK_LEASE_S": "6"}
+    chunk0 = f"pagecube-pages-{0:09d}-{CHUNK:09d}"
+    set_model_control(c, delay=0.1, hold=str(c.shared / "hold-{host}"), hold_key=chunk0)
+    for w in ("pc-w1", "pc-w2"):
+        (c.shared / f"hold-{w}").touch()  # chunk 0 is held on whichever worker runs it
+    old = c.client.popen(build_cmd(c, out), env=lease, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    chunks_dir = f"{root}/_pagecube/chunks"
+    _wait(lambda: fs.exists(chunks_dir) and len(fs.ls(chunks_dir, refresh=True)) >= 4
+          and any(c.shared.glob("holding-*")), 120, "4 finished chunks and chunk 0 held", old)
+    holder_host = next(c.shared.glob("holding-*")).name.removeprefix("holding-")
+    c.client.kill()
+    old_run = json.loads(fs.cat_file(f"{root}/_pagecube/lock.json"))["run_id"]
+    # from now on only the old run's chunk-0 task is held, not the new run's
+    set_model_control(c, delay=0.1, hold=str(c.shared / "hold-{host}"), hold_key=f"{chunk0}-{old_run}")
+    t_kill = time.time()
+
+    refused = c.client2.run(build_cmd(c, out), timeout=120)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    line = _one_line(refused.stderr.replace(_dashboard_line(refused.stderr), ""))
+    assert f"is locked by run {old_run} on host pc-client" in line, line
+
+    while time.time() < t_kill + 7:  # the old lease (6 s) runs out
+        time.sleep(0.2)
+    # what the old run finished (its tasks in flight when the client died may finish: still its lease then)
+    finished = {int(n.rsplit("/", 1)[-1].split(".")[0]) for n in fs.ls(chunks_dir, refresh=True)}
+    assert 0 not in finished
+    new = c.client2.popen(build_cmd(c, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait(lambda: json.loads(fs.cat_file(f"{root}/_pagecube/lock.json"))["run_id"] != old_run, 120,
+          "client2 to take the lease", new)
+    t_takeover = time.time()
+    for w in ("pc-w1", "pc-w2"):
+        (c.shared / f"hold-{w}").unlink()  # the old run's task goes on, after the takeover
+    stdout, stderr = new.communicate(timeout=300)
+    assert new.returncode == 0, stdout + stderr
+    assert "took over the store lock from run " + old_run in stderr and "lease expired" in stderr, stderr
+    assert f"resuming: {len(finished)} of" in stderr, stderr
+    worker_log = c[holder_host.removeprefix("pc-")].log_path("worker")
+    _wait(lambda: f"run {old_run} no longer holds store" in worker_log.read_text(errors="replace"), 60,
+          "the old run's task to be fenced off")
+
+    assert_same_store(c, reference, out)
+    assert_index_agrees(c, out)
+    assert_status_cli(c, out)
+    # no finished chunk was computed again by the new run
+    ids = open_store(c, reference)["page_id"].values
+    again = {pid for t, _, _, pid in page_log(c) if t > t_takeover}
+    redone = sorted(ch for ch in finished if set(ids[ch * CHUNK:(ch + 1) * CHUNK]) & again)
+    assert not redone, f"finished chunks {redone} were computed again"
+    written = open_store(c, out)["written_at"].values[:CHUNK].astype("datetime64[ms]").astype(np.int64) / 1000
+    assert (written >= t_takeover - 1).all() or (written <= t_kill).all()
+    print(f"\n[multihost] lost client: {len(finished)} chunks finished before the kill were kept; "
+          f"the old run's chunk-0 task on {holder_host} was fenced off")
+
+
+RACE_ROUNDS = 20
+RACER = """
+import json, os, sys, time
+from pipeline.store.location import StoreLocation
+from pipeline.store.lock import StoreLocked, WriterLock
+shared, rounds, opts = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+for i in range(rounds):
+    loc = StoreLocation.of(f"s3://cubes/race-{i}.zarr", opts)
+    go = os.path.join(shared, f"go-{i}")
+    while not os.path.exists(go):
+        time.sleep(0.0005)
+    try:
+        lock = WriterLock(loc, heartbeat_s=60).acquire()
+        print(json.dumps({"round": i, "won": lock.info.run_id}), flush=True)
+        time.sleep(0.5)
+        lock.release()
+    except StoreLocked as exc:
+        print(json.dumps({"round": i, "refused": str(exc)}), flush=True)
+"""
+
+
+def test_two_builds_at_the_same_instant_one_wins(hosts, pages):
+    """client and client2 race for one S3 store, released together: exactly one proceeds, every time."""
+    import json
+    import subprocess
+
+    c = hosts
+    out = "s3://cubes/race-cli.zarr"
+    # the whole command, twice at once: one builds, the other is refused with one line
+    go = c.shared / "go-cli"
+    wait_go = f"while [ ! -e {go} ]; do sleep 0.001; done; exec \"$@\""
+    procs = [h.popen(["sh", "-c", wait_go, "sh", *map(str, build_cmd(c, out, "--init-only"))],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for h in (c.client, c.client2)]
+    go.touch()
+    results = [p.communicate(timeout=180) + (p.returncode,) for p in procs]
+    codes = sorted(r[2] for r in results)
+    assert codes == [0, 1], results
+    loser = next(r for r in results if r[2] == 1)
+    assert "is locked by run" in _one_line(loser[1].replace(_dashboard_line(loser[1]), "")), loser[1]
+
+    # the lock itself, RACE_ROUNDS times: both hosts poll for the same go-file, then acquire at once
+    racers = [h.popen([sys.executable, "-c", RACER, str(c.shared), str(RACE_ROUNDS), c.storage_options_json],
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for h in (c.client, c.client2)]
+    for i in range(RACE_ROUNDS):
+        time.sleep(0.7 if i else 3.0)  # the racers have started (imports), and the last round is over
+        (c.shared / f"go-{i}").touch()
+    outs = [p.communicate(timeout=120) for p in racers]
+    assert all(p.returncode == 0 for p in racers), outs
+    rounds: dict[int, list] = {}
+    for stdout, _ in outs:
+        for ln in stdout.splitlines():
+            r = json.loads(ln)
+            rounds.setdefault(r["round"], []).append(r)
+    winners = [sum("won" in r for r in rs) for _, rs in sorted(rounds.items())]
+    assert len(rounds) == RACE_ROUNDS and all(len(rs) == 2 for rs in rounds.values()), rounds
+    assert winners == [1] * RACE_ROUNDS, winners
+    assert all("is locked by run" in r["refused"] for rs in rounds.values() for r in rs if "refused" in r)
+    print(f"\n[multihost] race: exactly one winner in {RACE_ROUNDS} of {RACE_ROUNDS} rounds (and the CLI round)")
+
+
+def test_a_lock_from_another_host_is_not_taken_for_a_dead_local_pid(hosts, pages):
+    """A lock written on w1 by a process that is gone is not "same host, dead pid" for the client:
+    only its lease counts there, so the build is refused naming pc-w1."""
+    c = hosts
+    out, root = "s3://cubes/w1-lock.zarr", "cubes/w1-lock.zarr"
+    c.w1.python("import os, sys, json\n"
+                "from pipeline.store.location import StoreLocation\n"
+                "from pipeline.store.lock import WriterLock\n"
+                f"WriterLock(StoreLocation.of({out!r}, json.loads(sys.argv[1]))).acquire()\n"
+                "os._exit(0)  # gone without releasing: its pid is dead everywhere", c.storage_options_json,
+                check=0, timeout=60)
+    import json
+
+    lock = json.loads(c.fs().cat_file(f"{root}/_pagecube/lock.json"))
+    assert lock["host"] == "pc-w1"
+    assert not Path(f"/proc/{lock['pid']}").exists(), "the writer of the lock should be gone"
+    p = c.client.run(build_cmd(c, out), timeout=120)
+    assert p.returncode == 1, p.stdout + p.stderr
+    line = _one_line(p.stderr)
+    assert f"is locked by run {lock['run_id']} on host pc-w1 (pid {lock['pid']})" in line, line
+    assert not c.fs().exists(f"{root}/zarr.json")
+
+
 def _removed_at(log_text: str, ip: str) -> float | None:
     """When the scheduler's log says it removed the worker at ``ip`` (epoch seconds)."""
     for line in log_text.splitlines():
@@ -203,6 +393,9 @@ def test_worker_host_cut_off_mid_build(hosts, reference, record_property):
     assert_same_store(c, reference, out)
     assert_index_agrees(c, out)
     assert_status_cli(c, out)
+    assert after["written_at"].tobytes() == before["written_at"].tobytes(), "w1 rewrote pages after its link came back"
+    data_writes = [ln for ln in late_writes if "/_pagecube/running/" not in ln]  # its own running mark may go
+    assert not data_writes, data_writes
     np.testing.assert_array_equal(after["status"], before["status"])
     np.testing.assert_array_equal(after["page_embeddings"], before["page_embeddings"])
     assert after["index"] == before["index"]

@@ -682,7 +682,9 @@ class _LoggedModel:
         if control.get("delay"):
             time.sleep(float(control["delay"]))
         host = socket.gethostname()
-        hold = lambda c: c.get("hold") and os.path.exists(c["hold"].format(host=host))  # noqa: E731
+        task = _current_task()
+        hold = lambda c: (c.get("hold") and os.path.exists(c["hold"].format(host=host))  # noqa: E731
+                          and c.get("hold_key", "") in task)
         if hold(control):
             marker = Path(self._dir, f"holding-{host}")
             marker.touch()  # a test waits for this: the worker is inside a batch
@@ -698,6 +700,16 @@ class _LoggedModel:
         return out
 
 
+def _current_task() -> str:
+    """The key of the Dask task running this batch (it names the page range and the build's run id)."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().get_current_task() or "")
+    except Exception:  # noqa: BLE001 - not on a worker
+        return ""
+
+
 def logged_tiny(**kwargs):
     """``--model testhosts:logged_tiny``: the tiny model, logged and slowed as ``model.json`` says."""
     from pipeline.model.tiny import build_tiny
@@ -708,7 +720,8 @@ def logged_tiny(**kwargs):
 def set_model_control(cluster: Cluster, **control) -> None:
     """What ``logged_tiny`` does at its next batch: ``delay`` (seconds per batch), ``hold`` (a path;
     ``{host}`` in it becomes the worker's hostname: batches wait while it exists, and a waiting
-    host shows as the file ``holding-<hostname>`` in ``cluster.shared``)."""
+    host shows as the file ``holding-<hostname>`` in ``cluster.shared``), ``hold_key`` (only batches
+    of a task whose key contains it are held: one chunk, or one chunk of one run)."""
     tmp = cluster.shared / "model.json.tmp"
     tmp.write_text(json.dumps(control))
     tmp.replace(cluster.shared / "model.json")
