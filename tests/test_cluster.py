@@ -130,13 +130,27 @@ def test_gpu_spec_cluster_pins_one_device_per_worker():
         assert {e["CUDA_VISIBLE_DEVICES"] for e in seen} <= {"0", "1"}
 
 
-def test_cpu_only_build_has_no_gpu_ids():
-    torch = pytest.importorskip("torch")
-    if not torch.version.cuda:
+def test_no_visible_gpu_means_no_gpu_ids(monkeypatch):
+    """Asserts on every machine without a GPU, whichever torch build it has (a plain index gives a
+    CUDA build on Linux): no GPU ids, and ``--device cuda`` is refused, never a CPU fall-back."""
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+
+    def no_gpu(why: str):
         assert cluster.targets.gpu_ids() == []
-        with pytest.raises(ClusterError, match="no CUDA GPU is visible"):
+        with pytest.raises(ClusterError, match=f"no CUDA GPU is visible{why}"):
             with open_cluster("local", device="cuda"):
                 pass
+
+    no_gpu(r" \(torch .* is a CPU-only build\)" if not torch.version.cuda else "")
+    # the paths a CUDA build takes, on this machine: a CPU build reports 0 devices as a CUDA build
+    # without a driver or a GPU does
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "12.8")
+    no_gpu("")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # names devices that are not there
+    no_gpu(r" \(CUDA_VISIBLE_DEVICES='0,1'\)")
 
 
 def test_sync_target_runs_same_task_in_process():
