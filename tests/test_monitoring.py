@@ -179,7 +179,8 @@ def test_progress_bar_on_a_terminal():
 
 
 def test_event_counter_plugin_feeds_prometheus():
-    prometheus_client = pytest.importorskip("prometheus_client")
+    import prometheus_client
+
     from cluster.metrics import EventCounterPlugin
 
     plugin = EventCounterPlugin("pagecube", {"done": "d", "failed": "f"}, namespace="pagecube_unittest")
