@@ -20,8 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-s3fs = pytest.importorskip("s3fs")
+import s3fs
 
 ACCESS_KEY = "AKIAPAGECUBETEST7Q2X"
 SECRET_KEY = "pagecube-test-secret-Zq93xKv81"
@@ -79,8 +78,7 @@ def s3(tmp_path_factory):
 
     exe = shutil.which("moto_server", path=os.pathsep.join([str(Path(sys.executable).parent),
                                                             os.environ.get("PATH", "")]))
-    if exe is None:
-        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    assert exe is not None, "moto_server not installed (pip install 'moto[server]', part of pagecube[test])"
     tmp = tmp_path_factory.mktemp("s3")
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"

@@ -47,13 +47,68 @@ def test_show_done_page_draws_boxes_on_the_page(built, capsys):
         assert np.abs(drawn[inner] - original[inner]).max() <= 3  # the page itself is left as it was
 
 
-def test_show_labels_and_colours_follow_attention(built, tmp_path):
-    from pipeline.show import _colour, render_page
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Four pages built by a model whose attention is spread far apart (weights 1, 1/2, 1/4, ...)."""
+    tmp = tmp_path_factory.mktemp("graded")
+    listing = make_sample(tmp / "pages", 4, seed=5)
+    store = tmp / "graded.zarr"
+    result = pipeline.build(str(listing), str(store), cluster="sync", chunk_pages=4, progress=False,
+                            model="models_for_tests:graded_attention")
+    assert result.done == 4
+    return tmp, store
 
-    _, store, _ = built
-    img, shown = render_page(str(store), "@0", tmp_path / "p0.png")
-    assert shown.state == "done" and shown.panels > 0
-    assert _colour(0.0) != _colour(1.0)
+
+def test_show_labels_and_colours_follow_attention(graded, tmp_path):
+    """Read the picture: each box's outline is a viridis colour whose place on the scale follows the
+    panel's attention (the most attended panel at the yellow end, the least at the dark end), and a
+    label in that colour, with text on it, sits in each box's corner."""
+    from matplotlib import colormaps
+
+    tmp, store = graded
+    ds = pipeline.open_pages(str(store))
+    n_valid = ds["panel_mask"].values.sum(axis=1)
+    index = int(np.argmax(n_valid))  # the page with the most panels
+    page = ds.isel(page=index).load()
+    pid = str(page["page_id"].item())
+    out = tmp_path / "graded.png"
+    assert main(["show", str(store), pid, "-o", str(out)]) == 0
+    drawn = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(tmp / "pages" / "images" / f"page_{index:05d}.jpg").convert("RGB")).astype(int)
+
+    mask = page["panel_mask"].values
+    att = page["attention_weights"].values[mask]
+    boxes = page["panel_coordinates"].values[mask]
+    assert len(att) >= 4 and att.max() > 8 * att.min()  # far from uniform: the colours must tell them apart
+    lut = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(int)
+    line = max(2, int(4 * max(drawn.shape[:2]) / 1000))  # outline width in pixels
+
+    places = []
+    for x, y, w, h in boxes:
+        x0, y0, ym = int(round(x)), int(round(y)), int(y + h / 2)
+        edge = drawn[ym - 5: ym + 5, x0 + 1]  # the middle of the box's left edge
+        colour = np.median(edge, axis=0).astype(int)
+        assert (np.abs(edge - colour).sum(axis=1) == 0).mean() > 0.8, edge  # one flat colour
+        dist = np.abs(lut - colour).sum(axis=1)
+        assert dist.min() <= 6, (colour, "not a viridis colour")
+        places.append(int(np.argmin(dist)) / 255)
+
+        # the label: a band of the box's colour in the top-left corner, with text in white or black on it
+        window = drawn[y0 + line: y0 + line + 40, x0 + line + 1: x0 + line + 41]
+        band = np.flatnonzero((np.abs(window - colour).sum(axis=2) <= 3).mean(axis=1) > 0.5)
+        assert len(band) and band[-1] - band[0] >= 12, "no label at the box"
+        ink = (255, 255, 255) if colour.sum() <= 450 else (0, 0, 0)
+        text = (np.abs(window[band[0]: band[-1] + 1] - ink).sum(axis=2) < 150).sum()
+        assert text >= 15, "a label without text"
+        corner = (slice(y0 + line, y0 + line + 40), slice(x0 + line + 1, x0 + line + 41))
+        assert np.abs(drawn[corner] - original[corner]).mean() > 20  # drawn over the page
+
+    places = np.array(places)
+    hi, lo = int(np.argmax(att)), int(np.argmin(att))
+    assert places[hi] >= 0.9, places  # the most attended panel: the yellow end
+    assert places[lo] <= 0.15, places  # the least attended panel: the dark end
+    order = np.argsort(att)
+    assert (np.diff(places[order]) >= 0).all(), (att[order], places[order])  # more attention, further up the scale
 
 
 def test_show_failed_page_has_a_banner_with_the_reason(built, capsys):
