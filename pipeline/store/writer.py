@@ -113,10 +113,11 @@ def _checked_cast(name: str, data: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def verify_region(group: zarr.Group, arrays: dict[str, np.ndarray], start: int, stop: int) -> list[str]:
+def verify_region(group: zarr.Group, arrays: dict[str, np.ndarray], start: int, stop: int,
+                  names=(*DATA_VARS, *COMPLETION_VARS)) -> list[str]:
     """Read the region back and compare (``--verify``); returns the variables that differ."""
     bad = []
-    for name in (*DATA_VARS, *COMPLETION_VARS):
+    for name in names:
         back = array(group, name)[start:stop]
         want = arrays[name]
         if want.dtype.kind == "f" or back.dtype.kind == "f":
