@@ -86,9 +86,9 @@ BUCKETS = ("pages", "cubes")
 WORKER_TTL = os.environ.get("PAGECUBE_TEST_WORKER_TTL", "10s")
 #: Dask drops a worker whose TCP connection has had unacknowledged data (or unanswered keepalives)
 #: for ``distributed.comm.timeouts.tcp`` (default 30 s): measured, that, not worker-ttl, is what
-#: notices a cut-off worker first.  Set this (e.g. "12s", at least 11 s) to give the scheduler a
-#: shorter one; unset keeps Dask's default.
-COMM_TCP_TIMEOUT = os.environ.get("PAGECUBE_TEST_COMM_TCP_TIMEOUT", "")
+#: notices a cut-off worker first.  12 s here (at least 11 s works) keeps the cut-link test short;
+#: an empty PAGECUBE_TEST_COMM_TCP_TIMEOUT keeps Dask's default (the test then takes ~20 s more).
+COMM_TCP_TIMEOUT = os.environ.get("PAGECUBE_TEST_COMM_TCP_TIMEOUT", "12s")
 REQUIRE_ENV = "PAGECUBE_REQUIRE_TEST_HOSTS"
 SHARED_ENV = "PAGECUBE_TESTHOSTS_SHARED"  # a folder of the runner every host sees (test side channel)
 _PROXY_VARS = ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy", "no_proxy")
