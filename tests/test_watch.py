@@ -127,7 +127,7 @@ def test_served_page_and_json_never_show_secrets(served):
         code, kind, body = _get(served + path)
         assert code == 200, (path, body[:300])
         bodies.append(body)
-    assert _get(served + "/thumb?page=3")[1] == "image/png"
+    assert _get(served + "/thumb?page=3")[1] == "image/jpeg"
     assert all(SECRET.encode() not in b for b in bodies)
     data = json.loads(bodies[3])
     assert data["workers"] is None and data["on_scheduler"] is False and data["pages"]["done"] == 56

@@ -5,7 +5,8 @@ Routes (on the scheduler's dashboard server, or on ``pagecube status --serve``):
 - ``/pagecube``                 the page (static HTML + JS, no build step)
 - ``/pagecube/static/<file>``   its script and style sheet
 - ``/pagecube/api/status``      the snapshot (``snapshot.py``) plus one row per worker on a scheduler
-- ``/pagecube/thumb?page=N&w=W`` page N drawn by ``pipeline.show.render_page`` (as ``pagecube show``), W px wide
+- ``/pagecube/thumb?page=N&w=W`` page N drawn by ``pipeline.show.render_page`` (as ``pagecube show``), W px wide,
+  as JPEG, one at a time (drawing costs CPU in the scheduler's process; measured in benchmarks/page_cost.py)
 
 Store reads and drawing run in a thread, off the scheduler's event loop; a snapshot is reused for
 ``CACHE_S`` so that several open tabs cost one read.  A malformed or unknown query parameter is
@@ -18,6 +19,7 @@ import json
 import threading
 import time
 from collections import OrderedDict, defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 from tornado.ioloop import IOLoop
@@ -33,6 +35,8 @@ WORKER_RATE_WINDOW_S = 60.0
 THUMB_WIDTH = 220
 THUMB_LIMITS = (48, 800)
 THUMB_CACHE = 64
+#: thumbnails are drawn one at a time, so that an open page never takes more than one thread's CPU
+_DRAWING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagecube-thumb")
 STATIC = {"page.js": "application/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
 
 
@@ -121,7 +125,7 @@ class WatchPlugin(RoutesPlugin):
         return rows
 
     def thumbnail(self, page: int, width: int) -> bytes:
-        """Page ``page`` drawn as ``pagecube show`` draws it, ``width`` px wide, as PNG."""
+        """Page ``page`` drawn as ``pagecube show`` draws it, ``width`` px wide, as JPEG."""
         key = (page, width)
         with self._lock:
             if key in self._thumbs:
@@ -157,7 +161,7 @@ def _draw_thumbnail(store, storage_options, image_root, page: int, width: int) -
         lines.append(line)
         draw.multiline_text((8, 8), "cannot draw this page:\n" + "\n".join(lines[:8]), fill=(120, 30, 30))
     buf = io.BytesIO()
-    canvas.save(buf, format="PNG", optimize=False)
+    canvas.convert("RGB").save(buf, format="JPEG", quality=85)
     return buf.getvalue()
 
 
@@ -214,9 +218,9 @@ class _Handler(RequestHandler):
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps({"error": self._reason}))
 
-    async def in_thread(self, fn, *args):
+    async def in_thread(self, fn, *args, executor=None):
         try:
-            return await IOLoop.current().run_in_executor(None, fn, *args)
+            return await IOLoop.current().run_in_executor(executor, fn, *args)
         except Exception as exc:  # noqa: BLE001 - one line, never a traceback
             msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             self.fail(500, f"{type(exc).__name__}: {msg}"[:300])
@@ -264,8 +268,8 @@ class ThumbHandler(_Handler):
         total = snap.get("pages", {}).get("total", 0)
         if page >= total:
             self.fail(400, f"page {page} is out of range: the store has {total} pages")
-        png = await self.in_thread(plugin.thumbnail, page, width)
-        self.set_header("Content-Type", "image/png")
+        png = await self.in_thread(plugin.thumbnail, page, width, executor=_DRAWING)
+        self.set_header("Content-Type", "image/jpeg")
         self.set_header("Cache-Control", "max-age=60")
         self.finish(png)
 

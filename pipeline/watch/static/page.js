@@ -218,15 +218,25 @@
         : `${w.gpu_util == null ? "?" : Math.round(w.gpu_util)}% · ${fmtBytes(w.gpu_memory)}` }),
     )));
   }
+  // Thumbnails cost the server a drawing each: new ones at most every THUMBS_EVERY_MS, and a page
+  // already shown keeps its picture.
+  const THUMBS_EVERY_MS = 15000;
+  let thumbsAt = 0;
+  const shownThumbs = new Map();
   function renderThumbs(recent) {
     const key = JSON.stringify(recent);
     $("no-thumbs").hidden = recent.length > 0;
-    if (key === recentKey) return;
+    const soon = recentKey && recent.length <= shownThumbs.size && Date.now() - thumbsAt < THUMBS_EVERY_MS;
+    if (key === recentKey || soon) return;
     recentKey = key;
-    $("thumbs").replaceChildren(...recent.map((p) => el("figure", {},
+    thumbsAt = Date.now();
+    const figures = recent.map((p) => shownThumbs.get(p.page) || el("figure", {},
       el("a", { href: thumbHref(p.page, 800), target: "_blank" },
-        el("img", { src: thumbHref(p.page, 400), alt: `page ${p.id}` })),
-      el("figcaption", { title: p.id }, el("b", { text: p.id }), ` · @${p.page}`))));
+        el("img", { src: thumbHref(p.page, 300), alt: `page ${p.id}` })),
+      el("figcaption", { title: p.id }, el("b", { text: p.id }), ` · @${p.page}`)));
+    shownThumbs.clear();
+    recent.forEach((p, i) => shownThumbs.set(p.page, figures[i]));
+    $("thumbs").replaceChildren(...figures);
   }
   const MODEL_LABELS = {
     model: "model", weights_digest: "weights digest", model_weights_source: "weights from", embedding_dim: "embedding dim",
