@@ -34,6 +34,8 @@ class OpenPage:
         self._pw = sync_playwright().start()
         self._browser = self._pw.chromium.launch(executable_path=shutil.which("chromium"), args=FLAGS)
         self.page = self._browser.new_page(viewport={"width": 1280, "height": 900})
+        self.requests: list[str] = []
+        self.page.on("requestfinished", lambda r: self.requests.append(r.url))
         self.page.goto(self.url)
         return self
 
@@ -51,9 +53,9 @@ class OpenPage:
                 continue
         return total
 
-    def polls(self) -> int:
-        return self.page.evaluate("performance.getEntriesByType('resource')"
-                                  ".filter(e => e.name.includes('api/status')).length")
+    def polls(self) -> tuple[int, int]:
+        """Status polls and thumbnails the page has fetched so far."""
+        return (sum("/api/status" in u for u in self.requests), sum("/thumb?" in u for u in self.requests))
 
     def __exit__(self, *exc):
         self._browser.close()
@@ -115,12 +117,13 @@ def main(argv=None) -> int:
                         continue
                     with OpenPage(url) as page:
                         time.sleep(2)  # the page is loaded and polling before the build starts
-                        c0, t0 = page.cpu(), time.perf_counter()
+                        c0, t0, p0 = page.cpu(), time.perf_counter(), page.polls()
                         rates["on"].append(one("on"))
-                        used, wall = page.cpu() - c0, time.perf_counter() - t0
+                        used, wall, p1 = page.cpu() - c0, time.perf_counter() - t0, page.polls()
                         browser_share.append(used / wall)
-                        note(f"      the page polled {page.polls()} times; the browser used {used:.1f} CPU s "
-                             f"in {wall:.0f} s ({100 * used / wall:.1f}% of one core)")
+                        note(f"      during the build the page polled {p1[0] - p0[0]} times and drew {p1[1] - p0[1]} "
+                             f"thumbnails; the browser used {used:.1f} CPU s in {wall:.0f} s "
+                             f"({100 * used / wall:.1f}% of one core)")
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
     figure(f"build pages/s, no page open (median of {rounds})", off, unit="pages/s", json_path=args.json)
     figure(f"build pages/s, /pagecube open in Chromium (median of {rounds})", on, unit="pages/s", json_path=args.json)

@@ -168,3 +168,17 @@ def test_watch_returns_when_the_build_ends(store):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "done 56" in out and "failed 4" in out and "pending 40" in out
+
+
+def test_live_rate_counts_from_the_first_chunk_in_the_window_and_falls_when_stalled():
+    from pipeline.store.index import ChunkEntry
+    from pipeline.watch.snapshot import live_rate
+
+    now = 1000.0
+    # two chunks of 8 finished in the same millisecond: no absurd rate from two stamps
+    same = {0: ChunkEntry(0, 8, 0, now - 0.001), 1: ChunkEntry(1, 8, 0, now)}
+    assert live_rate(same, now, since=now - 10) == pytest.approx(16 / 10)
+    steady = {c: ChunkEntry(c, 10, 0, now - 100 + 10 * c) for c in range(11)}  # 10 pages every 10 s
+    assert live_rate(steady, now, since=None) == pytest.approx(1.0)
+    assert live_rate(steady, now + 100, since=None) == pytest.approx(10 / 110)  # stalled for 100 s: falls
+    assert live_rate({}, now, since=now - 5) is None

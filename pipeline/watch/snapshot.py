@@ -1,10 +1,10 @@
 """One JSON-ready picture of a store, for the live page: what `pagecube status` says, and more.
 
 Everything comes from the store's own bookkeeping, so the page works on the scheduler, from
-``pagecube status --serve`` on another machine, and after the fact: counts, rate and failures
-from ``readers.store_status``; one state per chunk from the finished-chunk index and the running
-marks; the pages/s history from the index entries' times.  One listing of the index per
-snapshot, shared by all of it.
+``pagecube status --serve`` on another machine, and after the fact: counts and failures from
+``readers.store_status`` (and its rate once the build is over); the live rate, the pages/s
+history and one state per chunk from the finished-chunk index (entry times) and the running
+marks.  One listing of the index per snapshot, shared by all of it.
 
 Safety: storage options, credentials and environment variables never enter a snapshot: the
 store's root attributes are copied by an explicit list of keys, and URLs lose any user, password
@@ -29,6 +29,8 @@ HISTORY_BUCKET_S = 5
 HISTORY_BUCKETS = 120  # ten minutes
 RECENT_PAGES = 6
 EXAMPLES_PER_REASON = 3
+RATE_WINDOW_S = 120.0
+MIN_RATE_SPAN_S = 5.0
 #: root attributes the page shows; nothing else of the store's attributes is ever sent
 MODEL_KEYS = ("model", "weights_digest", "model_weights_source", "embedding_dim", "embedding_dtype", "max_panels",
               "chunk_pages", "codec", "config_fingerprint", "input_digest", "inputs", "pagecube_version", "created")
@@ -85,6 +87,22 @@ def history(entries: dict, now: float, chunk_pages: int, n_pages: int) -> list[f
     return [round(float(v) / HISTORY_BUCKET_S, 3) for v in counts]
 
 
+def live_rate(entries: dict, now: float, since: float | None) -> float | None:
+    """Pages/s of a running build over the last ``RATE_WINDOW_S``, from the index entries' times.
+
+    Counted from the first chunk finished in the window to now, so a stalled build's rate falls;
+    with a single chunk so far, from the build's start (its lock).  ``written_at`` is one stamp
+    per task, so early in a build it cannot give a rate (a few stamps milliseconds apart).
+    """
+    start = now - RATE_WINDOW_S if since is None else max(now - RATE_WINDOW_S, since)
+    times = sorted((e.mtime, e.done + e.failed) for e in entries.values() if e.mtime is not None and e.mtime > start)
+    if not times:
+        return None
+    if len(times) >= 2 and now - times[0][0] >= MIN_RATE_SPAN_S:
+        return sum(p for _, p in times[1:]) / (now - times[0][0])
+    return sum(p for _, p in times) / max(now - start, MIN_RATE_SPAN_S)
+
+
 def recent_pages(group, entries: dict, chunk_pages: int, n_pages: int, n: int = RECENT_PAGES) -> list[dict]:
     """The last finished pages: a few done pages from the most recently written chunks."""
     latest = sorted((e for e in entries.values() if e.done and e.mtime is not None),
@@ -124,6 +142,7 @@ def snapshot(store, storage_options: dict | None = None) -> dict:
     cmap, counts = chunk_map(n_chunks, entries, running_chunks(loc), chunk_pages, n_pages)
     writer = _writer(loc, st.pending)
     building = writer["state"] == "building"
+    rate = live_rate(entries, now, writer.get("started")) if building else st.pages_per_s
     model = {k: (clean_url(attrs[k]) if k in URL_KEYS else attrs[k]) for k in MODEL_KEYS if k in attrs}
     reasons = [{"reason": why, "count": int(n), "pages": [{"page": i, "id": pid} for i, pid in st.examples.get(why, [])]}
                for why, n in st.failures.most_common(20)]
@@ -132,7 +151,7 @@ def snapshot(store, storage_options: dict | None = None) -> dict:
         "ready": True,
         "pages": {"total": n_pages, "done": st.done, "failed": st.failed, "pending": st.pending,
                   "percent": round(100.0 * st.done / n_pages, 2) if n_pages else 100.0},
-        "rate": {"pages_per_s": st.pages_per_s, "eta_s": st.eta_s if building else None,
+        "rate": {"pages_per_s": rate, "eta_s": st.pending / rate if building and rate and st.pending else None,
                  "last_write": st.last_write, "bucket_s": HISTORY_BUCKET_S,
                  "history": history(entries, now, chunk_pages, n_pages)},
         "chunks": {"n": n_chunks, "pages_per_chunk": chunk_pages, "map": cmap, "counts": counts},

@@ -218,6 +218,25 @@
         : `${w.gpu_util == null ? "?" : Math.round(w.gpu_util)}% · ${fmtBytes(w.gpu_memory)}` }),
     )));
   }
+  // Thumbnails load one after another: a browser opens only 6 connections to a server, and
+  // pictures being drawn must not hold up the status polls behind them.
+  const imageQueue = [];
+  let imageLoading = false;
+  function queueImage(img, src) {
+    imageQueue.push([img, src]);
+    queueMicrotask(nextImage);  // once the picture is in the page
+    return img;
+  }
+  function nextImage() {
+    while (imageQueue.length && !imageQueue[0][0].isConnected) imageQueue.shift();  // replaced meanwhile
+    if (imageLoading || !imageQueue.length) return;
+    const [img, src] = imageQueue.shift();
+    imageLoading = true;
+    const done = () => { imageLoading = false; nextImage(); };
+    img.addEventListener("load", done, { once: true });
+    img.addEventListener("error", done, { once: true });
+    img.src = src;
+  }
   // Thumbnails cost the server a drawing each: new ones at most every THUMBS_EVERY_MS, and a page
   // already shown keeps its picture.
   const THUMBS_EVERY_MS = 15000;
@@ -232,7 +251,7 @@
     thumbsAt = Date.now();
     const figures = recent.map((p) => shownThumbs.get(p.page) || el("figure", {},
       el("a", { href: thumbHref(p.page, 800), target: "_blank" },
-        el("img", { src: thumbHref(p.page, 300), alt: `page ${p.id}` })),
+        queueImage(el("img", { alt: `page ${p.id}` }), thumbHref(p.page, 300))),
       el("figcaption", { title: p.id }, el("b", { text: p.id }), ` · @${p.page}`)));
     shownThumbs.clear();
     recent.forEach((p, i) => shownThumbs.set(p.page, figures[i]));
