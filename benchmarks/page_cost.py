@@ -55,6 +55,7 @@ class OpenPage:
 
     def polls(self) -> tuple[int, int]:
         """Status polls and thumbnails the page has fetched so far."""
+        self.page.evaluate("0")  # sync Playwright delivers the page's events only while it is called
         return (sum("/api/status" in u for u in self.requests), sum("/thumb?" in u for u in self.requests))
 
     def __exit__(self, *exc):
