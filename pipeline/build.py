@@ -206,6 +206,7 @@ def build(
             _model_load_failed(exc, model, checkpoint)
         if client is not None:
             install_event_counters(client, "pagecube", METRICS, namespace="pagecube_pages")
+            _install_page(client, loc, image_root, handle.dashboard_link)
 
         config = StoreConfig(
             n_pages=n_pages, chunk_pages=chunk_pages, max_panels=max_panels,
@@ -276,6 +277,19 @@ def build(
     failed = sum(e.failed for e in entries.values())
     del receipts
     return BuildResult(str(loc), n_pages, done, failed, plan.pages_planned, seconds, handle.dashboard_link, reasons)
+
+
+def _install_page(client, loc: StoreLocation, image_root: str | None, dashboard_link: str | None) -> None:
+    """The live pagecube page on the scheduler's dashboard server; a build never fails for it."""
+    from .watch import install_page
+
+    try:
+        link = install_page(client, loc, image_root, dashboard_link)
+    except Exception as exc:  # noqa: BLE001 - e.g. a scheduler that cannot import pagecube's page
+        say(f"pagecube: warning: no pagecube page on the dashboard ({type(exc).__name__}: {exc})".splitlines()[0])
+        return
+    if link:
+        say(f"pagecube: pagecube page at {link}")
 
 
 class _QuietClose:

@@ -66,6 +66,7 @@ class StoreStatus:
     last_write: float | None = None
     failure_chunks: int = 0  # chunks that hold failed pages
     failure_chunks_read: int = 0  # of those, how many were read to group failures by reason
+    examples: dict = field(default_factory=dict)  # reason -> [(page index, page id)], when asked for
 
     @property
     def pending(self) -> int:
@@ -99,16 +100,20 @@ class StoreStatus:
         return out
 
 
-def store_status(store, storage_options: dict | None = None) -> StoreStatus:
+def store_status(store, storage_options: dict | None = None, *, entries: dict | None = None,
+                 examples: int = 0) -> StoreStatus:
     """Counts from the finished-chunk index, rate from ``written_at`` of the latest chunks.
 
-    Reads one listing plus a few chunks, so it answers fast for 10^7 pages.
+    Reads one listing plus a few chunks, so it answers fast for 10^7 pages. ``entries``: a
+    listing (with times) the caller already made; ``examples``: keep that many failed pages
+    (position, id) per reason.
     """
     loc = StoreLocation.of(store, storage_options)
     group = _group(loc)
     n_pages = int(group["status"].shape[0])
     chunk_pages = int(group.attrs["chunk_pages"])
-    entries = chunk_index.list_entries(loc, with_times=True)
+    if entries is None:
+        entries = chunk_index.list_entries(loc, with_times=True)
     done = sum(e.done for e in entries.values())
     failed = sum(e.failed for e in entries.values())
 
@@ -117,9 +122,13 @@ def store_status(store, storage_options: dict | None = None) -> StoreStatus:
     picked = bad
     if len(bad) > MAX_REASON_CHUNKS:  # evenly spread sample, first and last included
         picked = [bad[i] for i in np.linspace(0, len(bad) - 1, MAX_REASON_CHUNKS).round().astype(int)]
+    shown: dict[str, list] = {}
     if picked:
         errs = _read_chunks(group["error"], picked, chunk_pages, n_pages)
-        failures.update(reason_kind(str(r)) for r in errs if str(r))
+        kinds = [reason_kind(str(r)) if str(r) else "" for r in errs]
+        failures.update(k for k in kinds if k)
+        if examples:
+            shown = _failure_examples(group, kinds, picked, chunk_pages, n_pages, examples)
 
     rate, last = None, None
     timed = sorted((e for e in entries.values() if e.mtime is not None), key=lambda e: e.mtime)
@@ -131,7 +140,25 @@ def store_status(store, storage_options: dict | None = None) -> StoreStatus:
         if len(stamps) > 1 and stamps.max() > stamps.min():
             rate = float(len(stamps) / ((stamps.max() - stamps.min()) / 1000.0))
     return StoreStatus(loc.url, n_pages, chunk_pages, done, failed, rate, lock_state(loc), failures, last,
-                       len(bad), len(picked))
+                       len(bad), len(picked), shown)
+
+
+def _failure_examples(group, kinds, chunks, chunk_pages, n_pages, per_reason) -> dict[str, list]:
+    """A few failed pages per reason: (position, page id; else the manifest's name; else "@N")."""
+    wanted = [j for j, k in enumerate(kinds) if k]
+    starts = np.asarray(chunks, dtype=np.int64) * chunk_pages
+    index = (starts[:, None] + np.arange(chunk_pages, dtype=np.int64)[None, :]).ravel()
+    index = index[index < n_pages]
+    ids = _read_chunks(group["page_id"], chunks, chunk_pages, n_pages)
+    paths = _read_chunks(group["manifest_path"], chunks, chunk_pages, n_pages)
+    out: dict[str, list] = {}
+    for j in wanted:
+        rows = out.setdefault(kinds[j], [])
+        if len(rows) < per_reason:
+            i = int(index[j])
+            name = str(ids[j]) or str(paths[j]).rsplit("/", 1)[-1].rsplit(".", 1)[0] or f"@{i}"
+            rows.append((i, name))
+    return out
 
 
 def _read_chunks(array, chunks: list[int], chunk_pages: int, n_pages: int) -> np.ndarray:

@@ -147,8 +147,9 @@ def _meter(name: str):
         return nullcontext()
 
 
-def _log_counts(done: int, failed: int) -> None:
-    """Pages this task finished, as a Dask event (topic "pagecube") for the scheduler's counters."""
+def _log_counts(done: int, failed: int, device: str = "") -> None:
+    """Pages this task finished, as a Dask event (topic "pagecube") for the scheduler's counters
+    and the pagecube page's worker rows (pages/s, device)."""
     try:
         from distributed import get_worker
 
@@ -156,7 +157,7 @@ def _log_counts(done: int, failed: int) -> None:
     except Exception:
         return  # sync target: no scheduler to count
     try:
-        worker.log_event("pagecube", {"done": int(done), "failed": int(failed)})
+        worker.log_event("pagecube", {"done": int(done), "failed": int(failed), "device": str(device)})
     except Exception:  # pragma: no cover - counting must never fail a task
         pass
 
@@ -347,6 +348,6 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
         write_region(group, region, start, stop, job.chunk_pages, before_completion=before_completion)
     _index(loc, before, region["status"], task, job.chunk_pages)
     done, failed = region_counts(region["status"])
-    _log_counts(done - int(keep.sum()), failed)
+    _log_counts(done - int(keep.sum()), failed, getattr(model, "device", ""))
     return Receipt(start, stop, done, failed, seconds=seconds, worker=_worker_name(),
                    device=getattr(model, "device", ""), reasons=tuple(reasons))

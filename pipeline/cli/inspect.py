@@ -12,11 +12,45 @@ from .app import app
 def status(
     store: str = typer.Argument(..., help="The store to look at (a path or an fsspec URL such as s3://...)."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options for URLs, as a JSON object or @FILE."),
+    watch: bool = typer.Option(False, "--watch", help="Redraw every few seconds until the build ends (or Ctrl-C)."),
+    serve: bool = typer.Option(False, "--serve", help="Serve the live pagecube page for this store (http://HOST:PORT/pagecube) until Ctrl-C."),
+    port: int = typer.Option(8788, "--port", min=0, max=65535, help="Port for --serve (0: any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address --serve binds to (127.0.0.1: this machine only)."),
+    image_root: Optional[str] = typer.Option(None, "--image-root", help="For --serve's thumbnails: the build's --image-root."),
+    every: float = typer.Option(2.0, "--every", min=0.2, help="Seconds between redraws with --watch."),
 ) -> None:
     """Done, failed and pending pages, recent rate, ETA and failures by reason (mid-run too)."""
+    from ..errors import BadArgument
     from ..readers import store_status
 
-    print("\n".join(store_status(store, _options(storage_options)).lines()))
+    options = _options(storage_options)
+    if serve and watch:
+        raise BadArgument("--serve and --watch do not go together: run them in two terminals")
+    if serve:
+        from ..watch import serve_store
+
+        _check_store(store, options)
+        try:
+            serve_store(store, options, image_root, host, port,
+                        announce=lambda url: print(f"pagecube: serving the page for {store} at {url} (Ctrl-C to stop)",
+                                                   flush=True))
+        except OSError as exc:
+            raise BadArgument(f"cannot serve on {host}:{port}: {exc.strerror or exc}") from None
+        return
+    if watch:
+        from ..watch.terminal import watch_status
+
+        watch_status(store, options, every)
+        return
+    print("\n".join(store_status(store, options).lines()))
+
+
+def _check_store(store, options) -> None:
+    from ..errors import BadArgument
+    from ..store.location import StoreLocation
+
+    if not StoreLocation.of(store, options).exists():
+        raise BadArgument(f"no pagecube store at {store}")
 
 
 def _options(text):

@@ -339,3 +339,17 @@ def clear_running(loc: StoreLocation, chunk: int | None = None) -> None:
                 loc.fs.rm_file(n)
             except FileNotFoundError:
                 pass
+
+
+def running_chunks(loc: StoreLocation) -> set[int]:
+    """Chunks with a running mark now (a task working on them, or one whose process died)."""
+    try:
+        names = loc.fs.ls(loc.meta_path(RUNNING_DIR), detail=False)
+    except FileNotFoundError:
+        return set()
+    out = set()
+    for n in names:
+        head = n.rsplit("/", 1)[-1].split(".", 1)[0]
+        if head.isdigit():
+            out.add(int(head))
+    return out
