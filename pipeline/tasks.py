@@ -244,6 +244,7 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
     before = read_region(group, "status", start, stop)
     done0, failed0 = region_counts(before)
     if done0 + failed0 == len(task) and not (job.retry_failed and failed0):
+        fence(loc, job.run_id)  # even an index entry is written only while this build holds the store
         _index(loc, before, before, task, job.chunk_pages)
         return Receipt(start, stop, done0, failed0, skipped=True, worker=_worker_name())
 
