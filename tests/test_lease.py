@@ -5,7 +5,6 @@ clients, cut links) is in test_multihost.py; these run on one host.
 """
 from __future__ import annotations
 
-import json
 import socket
 import time
 
@@ -16,15 +15,8 @@ from faultkit import MODEL, make_pages, read, run
 from pipeline.inputs import PageSource
 from pipeline.store.location import StoreLocation
 from pipeline.store.lock import LOCK_NAME, LeaseLost, StoreLocked, WriterLock, fence, host_identity, read_lock
+from test_lock import _write_lock
 from test_s3 import _race
-
-
-def _write_lock(store, **info) -> None:
-    d = store / "_pagecube"
-    d.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    base = {"run_id": "abcdef123456", "host": socket.gethostname(), "pid": 1, "started": now, "heartbeat": now}
-    (d / LOCK_NAME).write_text(json.dumps({**base, **info}))
 
 
 def test_lease_length_comes_from_the_environment_and_is_recorded(tmp_path, monkeypatch):
