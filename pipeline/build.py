@@ -20,7 +20,7 @@ import dask
 from . import __version__
 from .errors import BadArgument, BuildError
 from .inputs import InputError, PageSource
-from .model.registry import ModelNotFound, resolve_factory
+from .model.registry import BUILTIN, UNTRAINED_NOTICE, ModelNotFound, default_model, resolve_factory
 from .plan import default_chunk_pages, plan_build
 from .progress import Progress
 from .store import index as chunk_index
@@ -96,7 +96,7 @@ def build(
     chunk_pages: int | None = None,
     batch_size: int = 16,
     max_panels: int = 12,
-    model: str = "tiny",
+    model: str | None = None,
     checkpoint: str | None = None,
     embedding_dim: int | None = None,
     model_options: dict | None = None,
@@ -120,11 +120,18 @@ def build(
     ``cluster`` may also be the address of a scheduler you keep running
     (``tcp://...``/``tls://...``); ``preflight_timeout`` bounds the pre-flight
     checks (workers joined, resources, model loaded, store writable) in seconds.
+    ``model=None`` resumes a store with its own built-in model, else takes
+    ``tiny`` for a ``checkpoint``, ``pretrained`` where it is installed and
+    ``tiny`` (untrained) where not.
     """
     _validate(chunk_pages, batch_size, max_panels, workers, threads_per_worker, embedding_dtype, codec, device)
     if checkpoint is not None and "://" not in checkpoint:
         _check_readable(checkpoint)
     _check_cluster_target(cluster)
+    defaulted = model is None
+    if defaulted:  # a checkpoint is for a trainable model: tiny's
+        model = "tiny" if checkpoint is not None else default_model()
+    fallback = defaulted and checkpoint is None and model == "tiny"  # pretrained is not installed here
     try:
         resolve_factory(model)
     except ModelNotFound as exc:
@@ -153,6 +160,10 @@ def build(
             raise BadArgument(f"store {loc} was made with --max-panels {existing.max_panels}, not {max_panels}; "
                               "use --overwrite to start afresh")
         grow_from = _growth(loc, existing, source)
+        if defaulted and existing.model in BUILTIN:
+            model = existing.model  # rerunning the same command resumes, whatever is installed now
+    if fallback and model == "tiny":
+        say(UNTRAINED_NOTICE)
     chunk_pages = chunk_pages or default_chunk_pages(n_pages)
 
     from cluster import install_event_counters, install_resident, open_cluster

@@ -50,7 +50,8 @@ def test_embedding_map_mid_run_uses_finished_pages_only(tmp_path):
 
     listing = make_sample(tmp_path / "pages", 8, seed=2)
     store = tmp_path / "cube.zarr"
-    pipeline.build(str(listing), str(store), cluster="sync", chunk_pages=4, init_only=True, progress=False)
+    pipeline.build(str(listing), str(store), cluster="sync", chunk_pages=4, init_only=True, model="tiny",
+                   progress=False)
     out = _run([EXAMPLES / "embedding_map.py", store, "-o", tmp_path / "m0.png"], cwd=tmp_path)
     assert "0 of 8 pages" in out and Image.open(tmp_path / "m0.png").size == (800, 600)
 

@@ -84,7 +84,8 @@ def test_version_everywhere(tmp_path):
     from pipeline.sample import make_sample
 
     listing = make_sample(tmp_path / "pages", 4, seed=0)
-    pipeline.build(str(listing), str(tmp_path / "cube.zarr"), cluster="sync", init_only=True, progress=False)
+    pipeline.build(str(listing), str(tmp_path / "cube.zarr"), cluster="sync", init_only=True, model="tiny",
+                   progress=False)
     assert pipeline.open_store(str(tmp_path / "cube.zarr")).attrs["pagecube_version"] == declared
 
 

@@ -16,10 +16,11 @@ def built(tmp_path_factory):
     listing = make_sample(tmp / "pages", 8, seed=5)
     (tmp / "pages" / "images" / "page_00002.jpg").unlink()  # page 2 fails: image not found
     store = tmp / "cube.zarr"
-    result = pipeline.build(str(listing), str(store), cluster="sync", chunk_pages=4, progress=False)
+    result = pipeline.build(str(listing), str(store), cluster="sync", chunk_pages=4, model="tiny", progress=False)
     assert (result.done, result.failed) == (7, 1)
     pending = tmp / "pending.zarr"
-    pipeline.build(str(listing), str(pending), cluster="sync", chunk_pages=4, init_only=True, progress=False)
+    pipeline.build(str(listing), str(pending), cluster="sync", chunk_pages=4, init_only=True, model="tiny",
+                   progress=False)
     return tmp, store, pending
 
 
