@@ -15,6 +15,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from .errors import NotAStore
 from .store import index as chunk_index
 from .store.location import StoreLocation, quiet_zarr_warnings
 from .store.lock import lock_state
@@ -26,10 +27,39 @@ RATE_WINDOW_CHUNKS = 64
 MAX_REASON_CHUNKS = 256
 
 
+def require_store(loc: StoreLocation, damaged_ok: bool = False) -> None:
+    """Raise :class:`NotAStore` with one line unless ``loc`` holds a store (``damaged_ok``: or the
+    bookkeeping of one whose root metadata is gone, for diagnose to look at)."""
+    if loc.exists():
+        return
+    fs = loc.fs
+    if fs.exists(loc.meta_path()):  # our bookkeeping is there, the root metadata is not
+        if damaged_ok:
+            return
+        raise NotAStore(f"{loc} is a damaged pagecube store (its root zarr.json is missing): "
+                        f"see `pagecube diagnose {loc}`")
+    where = "" if fs.exists(loc.root) else " (nothing is there)"
+    raise NotAStore(f"{loc} is not a pagecube store{where}")
+
+
+def _require_pagecube(loc: StoreLocation, group: zarr.Group) -> None:
+    if "status" not in group or "chunk_pages" not in group.attrs:
+        raise NotAStore(f"{loc} is not a pagecube store (a Zarr group without pagecube's arrays and attributes)")
+
+
 def open_store(store, storage_options: dict | None = None) -> xr.Dataset:
     loc = StoreLocation.of(store, storage_options)
-    with quiet_zarr_warnings():
-        return xr.open_zarr(loc.zarr_store, consolidated=True)
+    require_store(loc)
+    try:
+        with quiet_zarr_warnings():
+            return xr.open_zarr(loc.zarr_store, consolidated=True)
+    except (KeyError, ValueError, zarr.errors.BaseZarrError) as exc:  # e.g. no consolidated metadata
+        raise NotAStore(f"{loc} is not a pagecube store ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def open_pages(store, done_only: bool = True, storage_options: dict | None = None) -> xr.Dataset:
@@ -42,8 +72,11 @@ def open_pages(store, done_only: bool = True, storage_options: dict | None = Non
 
 
 def _group(loc: StoreLocation) -> zarr.Group:
-    with quiet_zarr_warnings():
-        return zarr.open_group(loc.zarr_store, mode="r", use_consolidated=True)
+    try:
+        with quiet_zarr_warnings():
+            return zarr.open_group(loc.zarr_store, mode="r", use_consolidated=True)
+    except (KeyError, ValueError, zarr.errors.BaseZarrError) as exc:
+        raise NotAStore(f"{loc} is not a pagecube store ({_first_line(exc)})") from None
 
 
 def reason_kind(reason: str) -> str:
@@ -105,7 +138,9 @@ def store_status(store, storage_options: dict | None = None) -> StoreStatus:
     Reads one listing plus a few chunks, so it answers fast for 10^7 pages.
     """
     loc = StoreLocation.of(store, storage_options)
+    require_store(loc)
     group = _group(loc)
+    _require_pagecube(loc, group)
     n_pages = int(group["status"].shape[0])
     chunk_pages = int(group.attrs["chunk_pages"])
     entries = chunk_index.list_entries(loc, with_times=True)
@@ -159,6 +194,8 @@ def page_summaries(store, *, max_pages: int = 5, text_len: int = 80, compact: bo
                    page_id: str | None = None, storage_options: dict | None = None) -> list[str]:
     """The seed's page summaries: id, series, panels, embedding norm, panel text."""
     ds = open_store(store, storage_options)
+    if "status" not in ds or "chunk_pages" not in ds.attrs:
+        raise NotAStore(f"{store} is not a pagecube store (a Zarr group without pagecube's arrays and attributes)")
     status = ds["status"].values
     if page_id is not None:
         from .similar import find_page  # streams page_id chunk by chunk; also takes @N
