@@ -120,7 +120,8 @@ class StoreStatus:
         if self.pages_per_s:
             eta = self.eta_s
             eta_txt = "-" if eta is None else f"{eta / 60:.1f} min"
-            out.append(f"rate     {self.pages_per_s:.1f} pages/s over the last chunks written; ETA {eta_txt}")
+            out.append(f"rate     {self.pages_per_s:.1f} pages/s between the last chunks written "
+                       f"(start-up not counted); ETA {eta_txt}")
         if self.last_write:
             ago = time.time() - self.last_write
             out.append(f"last     chunk written {ago:.0f}s ago")

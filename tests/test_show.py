@@ -1,6 +1,8 @@
 """``pagecube show``: the page picture for done, failed and pending pages."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -42,10 +44,36 @@ def test_show_done_page_draws_boxes_on_the_page(built, capsys):
         ym = (y0 + y1) // 2
         edge = drawn[ym - 5: ym + 5, x0: x0 + 2]  # the box outline on the left edge
         assert np.abs(edge - original[ym - 5: ym + 5, x0: x0 + 2]).max() > 40
-        label = drawn[y0 + 4: y0 + 12, x0 + 4: x0 + 30]  # the "#order a=..." label in the corner
-        assert np.abs(label - original[y0 + 4: y0 + 12, x0 + 4: x0 + 30]).mean() > 20
+        corners = [(slice(y0 + 6, y0 + 14), slice(x0 + 6, x0 + 30)), (slice(y0 + 6, y0 + 14), slice(x1 - 30, x1 - 6)),
+                   (slice(y1 - 14, y1 - 6), slice(x0 + 6, x0 + 30)), (slice(y1 - 14, y1 - 6), slice(x1 - 30, x1 - 6))]
+        # the "#order a=..." label sits in one inner corner of the box
+        assert max(np.abs(drawn[c] - original[c]).mean() for c in corners) > 20
         inner = (slice(ym - 3, ym + 3), slice((x0 + x1) // 2 - 3, (x0 + x1) // 2 + 3))
         assert np.abs(drawn[inner] - original[inner]).max() <= 3  # the page itself is left as it was
+
+
+def test_show_labels_hide_no_balloon_or_caption(built, tmp_path):
+    """Labels go to a corner without lettering: every balloon the sample drew is left as it was, and a panel
+    with a caption (drawn from its top-left corner) has its label elsewhere."""
+    tmp, store, _ = built
+    checked = 0
+    for k in (0, 1, 3, 4, 5, 6, 7):  # the done pages (page 2 failed)
+        out = tmp_path / f"b{k}.png"
+        assert main(["show", str(store), f"@{k}", "-o", str(out)]) == 0
+        manifest = json.loads((tmp / "pages" / "manifests" / f"page_{k:05d}.json").read_text())
+        original = np.asarray(Image.open(tmp / "pages" / "images" / f"page_{k:05d}.jpg").convert("RGB")).astype(int)
+        drawn = np.asarray(Image.open(out).convert("RGB")).astype(int)
+        for panel in manifest["panels"]:
+            x, y, w, h = panel["panel_coords"]
+            for bx, by, bw, bh in panel["balloon_coords"]:
+                inside = (slice(max(by, y + 12), min(by + bh, y + h - 12)), slice(max(bx, x + 12), min(bx + bw, x + w - 12)))
+                assert np.abs(drawn[inside] - original[inside]).max() <= 3, (k, panel["panel_id"])
+                checked += 1
+            if panel["text"]["narration"]:
+                caption = (slice(y + 8, y + 16), slice(x + 8, x + 40))
+                assert np.abs(drawn[caption] - original[caption]).max() <= 3, (k, panel["panel_id"])
+                checked += 1
+    assert checked > 10
 
 
 def test_show_labels_and_colours_follow_attention(built, tmp_path):

@@ -75,7 +75,8 @@ def build(
         print(f"initialised {result.store}: {result.n_pages} pages pending")
         return
     print(f"{result.store}: {result.done} done, {result.failed} failed, {result.pending} pending "
-          f"of {result.n_pages} pages ({result.pages_per_s:.1f} pages/s this run)")
+          f"of {result.n_pages} pages ({result.pages_per_s:.1f} pages/s over this run, "
+          "first task to last, warm-up included)")
     for r in result.reasons[:5]:
         print(f"  failed: {r}", file=sys.stderr)
     if result.exit_code:
