@@ -147,6 +147,7 @@ def build(
     if loc.is_local and os.path.exists(loc.root) and not os.path.isdir(loc.root):
         raise BadArgument(f"--out {out} is an existing file, not a store folder; give a new path "
                           "(--overwrite replaces only stores)")
+    _refuse_foreign_folder(loc, out)
     n_pages = len(source)
 
     refuse_if_locked(loc, take_over_lock)  # before starting a cluster for nothing
@@ -338,6 +339,16 @@ def _spawn_flag():
     finally:
         os.environ.pop(SPAWN_FLAG, None)  # the nanny exported it here; later processes must not see it
         os.unlink(flag)
+
+
+def _refuse_foreign_folder(loc: StoreLocation, out) -> None:
+    """A new store empties its folder first: never one that holds other files (``--out my-pages`` by mistake)."""
+    fs = loc.fs
+    if loc.exists() or fs.exists(loc.meta_path()) or not fs.exists(loc.root) or not fs.isdir(loc.root):
+        return
+    if fs.ls(loc.root, detail=False):
+        raise BadArgument(f"--out {out} is a folder that holds other files, not a pagecube store; give a new path "
+                          "(pagecube would empty it; --overwrite replaces only stores)")
 
 
 def _check_cluster_target(cluster) -> None:

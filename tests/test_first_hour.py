@@ -28,6 +28,16 @@ def test_out_that_is_a_file_is_refused_before_any_cluster(sample40, tmp_path):
     assert afile.read_text() == "mine"
 
 
+def test_out_that_is_a_folder_of_other_files_is_refused_and_kept(sample40):
+    """``--out my-pages`` by mistake: a new store empties its folder, so a folder of other files is refused."""
+    pages = sample40.parent
+    before = sorted(p.name for p in pages.iterdir())
+    for extra in ([], ["--overwrite"]):
+        proc = run_cli("build", sample40, "--out", pages, "--cluster", "sync", "--model", "tiny", *extra, check=2)
+        assert "holds other files" in _one_error_line(proc)
+    assert sorted(p.name for p in pages.iterdir()) == before and (pages / "manifests").is_dir()
+
+
 def test_status_summary_diagnose_on_what_is_not_a_store(tmp_path):
     plain = tmp_path / "plain.zarr"
     zarr.open_group(str(plain), mode="w").attrs["x"] = 1  # a Zarr group, but not pagecube's
