@@ -4,8 +4,9 @@ This package knows nothing about comics and never imports ``pipeline``.
 """
 
 from .metrics import EventCounterPlugin, event_counts, install_event_counters
-from .preflight import check_workers, run_probe, skew_errors, skew_lines, version_table, versions_skew
-from .resident import ResidentMissing, ResidentPlugin, get_resident, install_resident, resident_status
+from .preflight import check_workers, skew_errors, skew_lines, version_table, versions_skew
+from .resident import (ResidentMissing, ResidentPlugin, get_resident, install_resident, resident_map,
+                       resident_status)
 from .specs import kubernetes_cluster_spec, slurm_job_script
 from .targets import ClusterError, ClusterHandle, open_cluster
 from .tls import make_security
@@ -24,8 +25,8 @@ __all__ = [
     "kubernetes_cluster_spec",
     "make_security",
     "open_cluster",
+    "resident_map",
     "resident_status",
-    "run_probe",
     "skew_errors",
     "skew_lines",
     "slurm_job_script",

@@ -7,9 +7,10 @@ traceback (ours and the worker processes' both write to stderr).  The caller
 prints the file's path when anything was logged.
 
 Worker processes get the file through Dask's own logging configuration
-(``DASK_LOGGING``, a ``logging.config.dictConfig`` dict) set as a nanny
-pre-spawn variable, so it holds before ``distributed`` is imported there;
-this process's ``distributed`` loggers are pointed at the same file.
+(``DASK_LOGGING``, a ``logging.config.dictConfig`` dict, root logger
+included) set as a nanny pre-spawn variable, so it holds before
+``distributed`` is imported there; this process's ``distributed`` loggers
+are pointed at the same file.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class DaskLog:
             return None
         what = " and ".join(f"{n} {w}{'s' if n != 1 else ''}" for n, w in ((errors, "error"), (warnings, "warning"))
                             if n)
-        return f"Dask logged {what} (not shown here): {self.path}"
+        return f"Dask and its workers logged {what} (not shown here): {self.path}"
 
 
 def _stderr_handlers(logger: logging.Logger) -> list[logging.Handler]:
@@ -79,7 +80,9 @@ def dask_logs_to_file(prefix: str = "dask-", report=None):
     config = {"version": 1, "disable_existing_loggers": False,
               "formatters": {"dask": {"format": fmt}},
               "handlers": {"file": {"class": "logging.FileHandler", "filename": path, "formatter": "dask"}},
-              "loggers": {name: {"handlers": ["file"], "propagate": False} for name in LOGGERS}}
+              "loggers": {name: {"handlers": ["file"], "propagate": False} for name in LOGGERS},
+              # everything else a worker logs (the resident plugin, the tasks' own loggers) too
+              "root": {"handlers": ["file"], "level": "WARNING"}}
     config["loggers"]["distributed"]["level"] = "INFO"
     config["loggers"]["distributed.client"]["level"] = "WARNING"
     before = os.environ.pop(ENV, None)  # dask prefers a variable already set over the pre-spawn config

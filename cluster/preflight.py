@@ -15,7 +15,6 @@ __all__ = [
     "DEFAULT_PACKAGES",
     "check_workers",
     "release_series",
-    "run_probe",
     "skew_errors",
     "skew_lines",
     "version_table",
@@ -168,24 +167,3 @@ def versions_skew(client, packages=DEFAULT_PACKAGES, extra=()) -> list[str]:
     versions. An empty list means no skew (or no client).
     """
     return skew_lines(version_table(client, packages, extra))
-
-
-def run_probe(client, fn, *args, timeout: float = 60, resources: dict | None = None, what: str = "probe"):
-    """Run ``fn(*args)`` once on some worker (with ``resources``) and return its result.
-
-    Raises ``ClusterError`` with the worker's error as one line, or when no
-    worker ran it within ``timeout`` s (e.g. a resource no worker offers).
-    """
-    from distributed import TimeoutError as DaskTimeout
-
-    from .targets import ClusterError
-
-    fut = client.submit(fn, *args, pure=False, resources=resources, retries=0)
-    try:
-        return fut.result(timeout=timeout)
-    except (DaskTimeout, TimeoutError):
-        fut.cancel()
-        raise ClusterError(f"{what}: no worker ran it within {timeout:g} s") from None
-    except Exception as e:  # noqa: BLE001 - the worker's error as one line
-        msg = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
-        raise ClusterError(f"{what} failed on a worker: {type(e).__name__}: {msg}") from None

@@ -194,6 +194,22 @@ def _plugin_state(name: str, dask_worker=None) -> dict:
     return plugin.state()
 
 
+def _call_resident(name: str, fn: Callable[[Any], Any], dask_worker=None) -> Any:
+    plugin = dask_worker.plugins.get(name)
+    if not isinstance(plugin, ResidentPlugin) or not plugin._ready.wait(READY_TIMEOUT) or plugin.obj is None:
+        raise ResidentMissing(f"resident {name!r} is not loaded on worker {dask_worker.address}")
+    return fn(plugin.obj)
+
+
+def resident_map(client, name: str, fn: Callable[[Any], Any]) -> dict[str, Any]:
+    """``fn(resident object)`` on every worker, by address.
+
+    Runs in each worker's event loop, not in its task threads, so it answers
+    even while every thread is busy (a task of an earlier client still running).
+    """
+    return client.run(_call_resident, name, fn)
+
+
 def resident_status(client, name: str) -> dict[str, dict]:
     """Per worker address: ok, error, pid, loads, load_seconds, torch_threads."""
     return client.run(_plugin_state, name)

@@ -29,7 +29,8 @@ from .store import index as chunk_index
 from .store.debris import clean_debris
 from .store.grow import grow_store
 from .store.location import StoreLocation
-from .store.lock import WriterLock, clear_running, refuse_if_locked
+from .store.conditional import supports_conditional_writes
+from .store.lock import WriterLock, clear_running, lease_seconds, refuse_if_locked
 from .store.template import CODECS, EMBEDDING_DTYPES, StoreConfig, read_config, write_template
 from .submit import ALLOWED_FAILURES, METRICS, WORKER_SATURATION, build_span, run_tasks, say, sigterm_as_interrupt
 from .types import JobSpec
@@ -80,11 +81,25 @@ def _resolve_device(device: str, handle) -> str:
     return "cuda" if handle.gpu else "cpu"
 
 
-def _model_info(resident: str, factory: str, kwargs: dict) -> dict:
-    from cluster import get_resident
-
-    model = get_resident(resident, fallback=(factory, kwargs))
+def _info_of(model) -> dict:
     return asdict(model.info)
+
+
+def _model_info(client, resident: str, factory: str, kwargs: dict) -> dict:
+    """The model's info, from every worker: they must all have loaded the same weights."""
+    from cluster import get_resident, resident_map
+
+    if client is None:
+        return _info_of(get_resident(resident, fallback=(factory, kwargs)))
+    infos = resident_map(client, resident, _info_of)  # beside busy task threads: needs no free one
+    digests = {}
+    for worker, info in infos.items():
+        digests.setdefault(info["weights_digest"], worker)
+    if len(digests) > 1:
+        (d1, w1), (d2, w2) = list(digests.items())[:2]
+        raise BuildError(f"the workers loaded different model weights: {w1} has {d1[:12]}, {w2} has {d2[:12]} "
+                         "(the same --checkpoint path holds different files on different machines)")
+    return next(iter(infos.values()))
 
 
 def build(
@@ -128,6 +143,10 @@ def build(
     """
     _refuse_while_bootstrapping()
     _validate(chunk_pages, batch_size, max_panels, workers, threads_per_worker, embedding_dtype, codec, device)
+    try:
+        lease_seconds()
+    except ValueError as exc:
+        raise BadArgument(str(exc)) from None
     if checkpoint is not None and "://" not in checkpoint:
         _check_readable(checkpoint)
     _check_cluster_target(cluster)
@@ -176,7 +195,7 @@ def build(
     from cluster import install_event_counters, install_resident, open_cluster
     from cluster.logs import dask_logs_to_file
 
-    from .preflight import check_cluster, check_store
+    from .preflight import check_cluster, check_pages, check_store
 
     model_kwargs = {"name": model, "max_panels": max_panels, "embedding_dim": embedding_dim,
                     "checkpoint": checkpoint, "seed": seed, **(model_options or {})}
@@ -196,19 +215,17 @@ def build(
         client = handle.client
         for line in check_cluster(handle, dev, preflight_timeout):
             say(f"pagecube: warning: {line}")
+        resources = {"GPU": 1} if dev == "cuda" and client is not None else None
+        check_store(handle, loc)  # before the model loads: a store only this machine sees is refused in seconds
+        check_pages(handle, source, image_root, max_panels)
         try:
-            if client is not None:
-                resident = install_resident(client, MODEL_FACTORY, model_kwargs)
-                resources = {"GPU": 1} if dev == "cuda" else None
-                info = client.submit(_model_info, resident, MODEL_FACTORY, model_kwargs, pure=False,
-                                     resources=resources).result(timeout=preflight_timeout)
-            else:
-                resident = "pagecube-model-sync"
-                resources = None
-                info = _model_info(resident, MODEL_FACTORY, model_kwargs)
+            resident = install_resident(client, MODEL_FACTORY, model_kwargs) if client is not None \
+                else "pagecube-model-sync"
+            info = _model_info(client, resident, MODEL_FACTORY, model_kwargs)
+        except BuildError:
+            raise
         except Exception as exc:
             _model_load_failed(exc, model, checkpoint)
-        check_store(handle, loc, preflight_timeout, resources)
         if client is not None:
             install_event_counters(client, "pagecube", METRICS, namespace="pagecube_pages")
 
@@ -224,6 +241,9 @@ def build(
                 raise BadArgument(f"store {loc} was made with different settings: {'; '.join(diffs)}; "
                                   "use --overwrite to start afresh (or a new --out)")
 
+        if not supports_conditional_writes(loc):
+            say(f"pagecube: warning: store {loc} does not support conditional writes (If-None-Match, If-Match): "
+                "two builds that start at the same instant are not kept apart")
         with WriterLock(loc, take_over=take_over_lock) as lock:
             if lock.took_over_from:
                 say(f"pagecube: took over the store lock from {lock.took_over_from}")
@@ -262,7 +282,7 @@ def build(
             reasons: list[str] = []
             try:
                 with sigterm_as_interrupt(), build_span(client, job.run_id):
-                    receipts = run_tasks(plan, source, job, handle, resources, bar, reasons)
+                    receipts = run_tasks(plan, source, job, handle, resources, bar, reasons, lease=lock)
             except KeyboardInterrupt:
                 bar.close()
                 say(f"pagecube: interrupted; finished chunks are kept. Resume with the same command "

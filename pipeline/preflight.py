@@ -10,10 +10,16 @@ Each failure is one clear line (``PreflightError``, exit code 1):
   or a missing package is an error: the store format or the task code
   differ); torch, xarray, numpy, dask, distributed, python and the rest only
   warn, one line each;
-- the store is writable from a worker and is the same store the client sees
-  (a worker writes a probe object under ``_pagecube/``, the client reads and
-  deletes it): a local path on a cluster of other machines, or ``memory://``,
-  fails here rather than after hours of work written where nobody can see it.
+- the store is the same store on every worker as on the client: for a local
+  path the client leaves a probe file in the store's folder (or the nearest
+  folder that exists) and every worker must read it back and be allowed to
+  write there (nothing is written on the workers, and the probe is removed);
+  for an object store a worker writes a probe under ``_pagecube/`` that the
+  client must read.  A path on the client's own disk, or ``memory://``, fails
+  here in seconds rather than after hours of work written where nobody sees it;
+- the pages: every worker reads the first page (list, manifest, image) that
+  the client can read; pages only the client sees are refused here.  A page
+  that no machine can read is not a pre-flight error: it fails with its reason.
 
 The model is loaded on every worker by ``cluster.install_resident``, which
 raises with the worker's error; the build turns it into one line.
@@ -21,6 +27,7 @@ raises with the worker's error; the build turns it into one line.
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 
 from .store.location import StoreLocation
@@ -56,51 +63,133 @@ def check_cluster(handle, device: str, timeout: float = DEFAULT_TIMEOUT) -> list
     return [f"version skew: {line}" for line in skew_lines(table)]
 
 
-def _write_probe(url: str, storage_options: dict, name: str, token: str) -> str:
+def _write_probe(url: str, storage_options: dict, token: str) -> str:
+    """On a worker: write a probe object under ``_pagecube/``; returns its name."""
     loc = StoreLocation(url, storage_options)
-    fs = loc.fs
-    if loc.is_local:
-        fs.makedirs(loc.meta_path(), exist_ok=True)
-    fs.pipe_file(loc.meta_path(name), token.encode())
-    try:
-        from distributed import get_worker
-
-        return get_worker().address
-    except Exception:  # pragma: no cover - not on a worker
-        return f"pid {os.getpid()}"
+    name = f"probe-{token}-{uuid.uuid4().hex[:8]}"
+    loc.fs.pipe_file(loc.meta_path(name), token.encode())
+    return name
 
 
 def _remove_probe(url: str, storage_options: dict, name: str) -> None:
+    loc = StoreLocation(url, storage_options)
     try:
-        StoreLocation(url, storage_options).fs.rm_file(StoreLocation(url, storage_options).meta_path(name))
+        loc.fs.rm_file(loc.meta_path(name))
     except FileNotFoundError:
         pass
 
 
-def check_store(handle, loc: StoreLocation, timeout: float = DEFAULT_TIMEOUT, resources: dict | None = None) -> None:
-    """A worker writes a tiny object under ``_pagecube/``; the client must read it back, then deletes it."""
-    from cluster import ClusterError, run_probe
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
+
+def _see_local_probe(folder: str, name: str, token: str) -> str | None:
+    """On a worker: None when ``folder`` holds the client's probe and may be written, else why not."""
+    host = socket.gethostname()
+    try:
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            seen = f.read()
+    except FileNotFoundError:
+        what = "has no folder" if not os.path.isdir(folder) else "has another folder (not the same disk) at"
+        return f"host {host} {what} {folder}"
+    except OSError as exc:
+        return f"host {host} cannot read {folder}: {exc.strerror or exc}"
+    if seen != token:
+        return f"host {host} has another folder (not the same disk) at {folder}"
+    if not os.access(folder, os.W_OK):
+        return f"host {host} may not write to {folder}"
+    return None
+
+
+def _check_local_store(client, loc: StoreLocation) -> None:
+    folder = _nearest_existing(loc.url)
+    if not os.path.isdir(folder):
+        raise PreflightError(f"store {loc} is not writable from the workers: {folder} is a file, not a folder")
+    token = uuid.uuid4().hex
+    name = f".pagecube-probe-{token}"
+    try:
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write(token)
+    except OSError as exc:
+        raise PreflightError(f"cannot write store {loc} here: {exc.strerror or exc}") from None
+    try:
+        seen = client.run(_see_local_probe, folder, name, token, on_error="return")
+    finally:
+        os.unlink(os.path.join(folder, name))
+    for worker, why in seen.items():
+        if why is not None:
+            raise PreflightError(f"store {loc} is not reachable from the workers: worker {worker} ({_one_line(why)}); use a "
+                                 "path every machine sees (a shared filesystem) or an object store URL (s3://...)")
+
+
+def _read_first_page(first, image_root: str | None, max_panels: int) -> str | None:
+    """None when the first page (``first``: its slice of the list) can be read here, else why not."""
+    from .manifest import read_page
+
+    try:
+        read_page(first.refs()[0], max_panels=max_panels, image_root=image_root,
+                  storage_options=first.storage_options)
+    except Exception as exc:  # noqa: BLE001 - any failure is the answer
+        text = str(exc).strip().splitlines()
+        return f"{text[0] if text else type(exc).__name__} (on host {socket.gethostname()})"
+    return None
+
+
+def check_pages(handle, source, image_root: str | None, max_panels: int) -> None:
+    """Every worker reads the first page that this machine can read (pages only the client sees are refused)."""
+    client = handle.client
+    first = source.slice(0, 1)  # small: the page list itself never travels
+    if client is None or _read_first_page(first, image_root, max_panels) is not None:
+        return  # no cluster, or a first page nobody can read: it fails with its reason like any bad page
+    seen = client.run(_read_first_page, first, image_root, max_panels, on_error="return")
+    for worker, why in seen.items():
+        if why is not None:
+            raise PreflightError(f"the workers cannot read the pages: worker {worker} could not read the first "
+                                 f"page: {_one_line(why)}; put pages and images where every machine sees them (a shared "
+                                 "filesystem or an object store)")
+
+
+def _one_line(why) -> str:
+    if isinstance(why, BaseException):
+        text = str(why).strip().splitlines()
+        return f"{type(why).__name__}: {text[0] if text else ''}"
+    return str(why)
+
+
+def check_store(handle, loc: StoreLocation) -> None:
+    """Every worker sees the same store as this machine (see the module docstring).
+
+    Probes run in the workers' event loops (``client.run``), not as tasks: they
+    answer at once even while a worker's threads are busy.
+    """
     client = handle.client
     if client is None:
         return
+    if loc.is_local:
+        _check_local_store(client, loc)
+        return
     token = uuid.uuid4().hex
-    name = f"probe-{token}"
+    written = client.run(_write_probe, loc.url, loc.storage_options, token, on_error="return")
     try:
-        worker = run_probe(client, _write_probe, loc.url, loc.storage_options, name, token, timeout=timeout,
-                           resources=resources, what=f"writing to store {loc}")
-    except ClusterError as exc:
-        raise PreflightError(f"store {loc} is not writable from the workers: {exc}") from None
-    try:
-        seen = loc.fs.cat_file(loc.meta_path(name)).decode(errors="replace")
-    except Exception:  # noqa: BLE001 - any failure means the client cannot see the workers' writes
-        seen = None
-    if seen != token:
-        try:
-            client.submit(_remove_probe, loc.url, loc.storage_options, name, pure=False).result(timeout=timeout)
-        except Exception:  # noqa: BLE001 - best effort
-            pass
-        raise PreflightError(f"store {loc} is not shared with the workers: worker {worker} wrote a probe there that "
-                             "this machine cannot read; use a path every machine sees (shared filesystem) or an "
-                             "object store URL")
-    _remove_probe(loc.url, loc.storage_options, name)
+        for worker, name in written.items():
+            if isinstance(name, BaseException):
+                raise PreflightError(f"store {loc} is not writable from the workers: worker {worker}: "
+                                     f"{_one_line(name)}")
+            try:
+                seen = loc.fs.cat_file(loc.meta_path(name)).decode(errors="replace")
+            except Exception:  # noqa: BLE001 - any failure means this machine cannot see the workers' writes
+                seen = None
+            if seen != token:
+                raise PreflightError(f"store {loc} is not shared with the workers: worker {worker} wrote a probe "
+                                     "there that this machine cannot read; use a path every machine sees (shared "
+                                     "filesystem) or an object store URL")
+    finally:
+        for worker, name in written.items():
+            if isinstance(name, str):
+                try:
+                    client.run(_remove_probe, loc.url, loc.storage_options, name, workers=[worker],
+                               on_error="ignore")
+                except Exception:  # noqa: BLE001 - best effort
+                    pass

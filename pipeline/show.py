@@ -33,7 +33,6 @@ from .store.schema import STATUS_DONE, STATUS_FAILED
 PENDING_GREY = (150, 150, 150)
 FAILED_RED = (200, 30, 30)
 PLACEHOLDER_SIZE = (800, 1100)
-LABEL_ALPHA = 190  # label backgrounds let the page show through a little
 MAX_FAILED_SCAN = 500  # failed pages whose manifests are read to find a page id
 
 
@@ -241,8 +240,6 @@ def render_page(store, page: str, out=None, *, image_root: str | None = None,
     line = max(2, int(4 * scale))
     pad = max(4, int(6 * scale))
     detail = _detail(canvas)  # before any box is drawn: where the page has text and line art
-    overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
-    tags = ImageDraw.Draw(overlay)
     for box, text, colour in labels:
         x, y, w, h = (float(v) for v in box)
         if not np.isfinite([x, y, w, h]).all():
@@ -251,12 +248,10 @@ def render_page(store, page: str, out=None, *, image_root: str | None = None,
         tb = draw.textbbox((0, 0), text, font=font)
         size = (tb[2] - tb[0] + 2 * pad, tb[3] - tb[1] + pad)
         lx, ly = _label_spot(detail, (x, y, w, h), size, line)
-        tags.rectangle([lx, ly, lx + size[0], ly + size[1]], fill=(*colour, LABEL_ALPHA))
+        draw.rectangle([lx, ly, lx + size[0], ly + size[1]], fill=colour)  # the box's colour: the attention scale
         light = sum(colour) > 450
-        tags.text((lx + pad - tb[0], ly + pad // 2 - tb[1]), text, fill=(0, 0, 0, 255) if light else (255, 255, 255, 255),
+        draw.text((lx + pad - tb[0], ly + pad // 2 - tb[1]), text, fill=(0, 0, 0) if light else (255, 255, 255),
                   font=font)
-    canvas = Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
-    draw = ImageDraw.Draw(canvas)
     if legend:
         small = _font(max(10, int(13 * scale)))
         tb = draw.textbbox((pad, H - pad), legend, font=small, anchor="ld")

@@ -15,7 +15,7 @@ import dask
 from .progress import Progress
 from .store import index as chunk_index
 from .store.location import StoreLocation
-from .store.lock import clear_running, deaths_running, running_mark
+from .store.lock import LeaseLost, clear_running, deaths_running, fence, running_mark
 from .tasks import run_chunk
 from .types import JobSpec, Receipt
 
@@ -96,16 +96,29 @@ def take_receipt(receipt: Receipt, bar: Progress, reasons: list[str]) -> None:
             reasons.append(f"pages [{receipt.start}, {receipt.stop}): {r}")
 
 
-def run_tasks(plan, source, job, handle, resources, bar, reasons) -> list[Receipt]:
+def check_lease(lease) -> None:
+    """Stop the build once another build has taken the store's lease (its tasks are fenced off anyway)."""
+    if lease is not None and lease.lost:
+        raise LeaseLost(f"this build lost the store lock to {lease.lost}; stopping (finished chunks are kept)")
+
+
+def _lease_lost(exc: BaseException) -> bool:
+    return type(exc).__name__ == "LeaseLost"  # raised on a worker: compared by name, as KilledWorker
+
+
+def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None) -> list[Receipt]:
     receipts: list[Receipt] = []
     client = handle.client
     if client is None:
         for task in plan.tasks:
+            check_lease(lease)
             d = dask.delayed(run_chunk, pure=False)(task, source.slice(task.start, task.stop), job,
                                                     dask_key_name=f"{task.key}-{job.run_id}")
             try:
                 receipt = d.compute(scheduler="sync")
             except Exception as exc:  # as on a cluster: the range's pages fail with the reason, the build goes on
+                if _lease_lost(exc):
+                    raise
                 receipt = fail_range(job, task, task_failure(exc, task))
             receipts.append(receipt)
             take_receipt(receipt, bar, reasons)
@@ -132,9 +145,12 @@ def run_tasks(plan, source, job, handle, resources, bar, reasons) -> list[Receip
     try:
         for fut in ac:
             task = fut.pagecube_task
+            check_lease(lease)
             try:
                 receipt = fut.result()
             except Exception as exc:
+                if _lease_lost(exc):
+                    raise LeaseLost(str(exc).splitlines()[0]) from None
                 deaths = 0
                 if type(exc).__name__ == "KilledWorker":
                     deaths = deaths_running(StoreLocation(job.store_url, job.storage_options), task.chunk)
@@ -182,6 +198,7 @@ def fail_range(job: JobSpec, task, reason: str) -> Receipt:
     from .store.writer import open_store_group
 
     loc = StoreLocation(job.store_url, job.storage_options)
+    fence(loc, job.run_id)
     group = open_store_group(loc, job.run_id + "-client")
     status = group["status"][task.start:task.stop]
     todo = status != STATUS_DONE

@@ -18,6 +18,7 @@ marks) assumes one chunk running per worker at a time.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import os
 import threading
 import time
@@ -30,10 +31,12 @@ from .inputs import SliceSpec
 from .manifest import PageError, read_page
 from .store.index import ChunkEntry, write_entry
 from .store.location import StoreLocation
-from .store.schema import MODEL_VARS, STATUS_DONE, STATUS_FAILED, empty_region
+from .store.lock import fence
+from .store.schema import DATA_VARS, MODEL_VARS, STATUS_DONE, STATUS_FAILED, empty_region
 from .store.writer import open_store_group, read_region, region_counts, verify_region, write_region
 from .types import ChunkTask, JobSpec, Receipt
 
+logger = logging.getLogger("pagecube.tasks")
 _io_pool: ThreadPoolExecutor | None = None
 MAX_REASONS = 5
 _model_lock = threading.Lock()  # one batch at a time through the resident model
@@ -321,13 +324,27 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
 
     now = np.datetime64(_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None), "ms").astype(np.int64)
     region["written_at"][~keep] = now
+    def before_completion() -> None:
+        """Between the data and ``status``: the lease is still ours, and (``--verify``) the data read back
+        the same; else raise, and no page of the range is marked done (a retry, then the failure policy)."""
+        fence(loc, job.run_id)
+        if job.verify:
+            with _phase(seconds, "verify"):
+                bad = verify_region(group, region, start, stop, DATA_VARS)
+            if bad:
+                raise RuntimeError(f"verify: pages [{start}, {stop}) read back different {', '.join(bad)}")
+
     with _phase(seconds, "write"):
-        write_region(group, region, start, stop, job.chunk_pages)
-    if job.verify:
-        with _phase(seconds, "verify"):
-            bad = verify_region(group, region, start, stop)
-        if bad:
-            raise RuntimeError(f"verify: pages [{start}, {stop}) read back different {', '.join(bad)}")
+        fence(loc, job.run_id)  # this build still holds the store (raises LeaseLost if not)
+        current = read_region(group, "status", start, stop)
+        if not np.array_equal(current, before):
+            # another task finished these pages while this one ran (this one ran on a worker that was cut
+            # off and given up on): its write stands, and this one changes nothing
+            done, failed = region_counts(current)
+            logger.warning("pagecube: pages [%d, %d) were finished by another task meanwhile; "
+                           "this task's duplicate write is dropped", start, stop)
+            return Receipt(start, stop, done, failed, skipped=True, worker=_worker_name(), duplicate=True)
+        write_region(group, region, start, stop, job.chunk_pages, before_completion=before_completion)
     _index(loc, before, region["status"], task, job.chunk_pages)
     done, failed = region_counts(region["status"])
     _log_counts(done - int(keep.sum()), failed)

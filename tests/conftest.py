@@ -47,3 +47,7 @@ def run_cli(*args, env: dict | None = None, timeout: float = 240, check: int | N
 def manifests(pages_txt: Path) -> list[dict]:
     base = pages_txt.parent
     return [json.loads((base / line.strip()).read_text()) for line in pages_txt.read_text().splitlines() if line.strip()]
+
+
+# Test hosts (issue 10): the `testhosts` (session) and `hosts` (function) fixtures.
+from testhosts import hosts, testhosts  # noqa: E402,F401

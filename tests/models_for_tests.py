@@ -2,7 +2,8 @@
 
 ``counting_tiny`` appends the loading process id to ``$PAGECUBE_TEST_LOADLOG``
 so a test can count loads per worker process; ``slow_tiny`` sleeps in each
-forward so that a build lasts long enough to be watched or killed.
+forward so that a build lasts long enough to be watched or killed;
+``graded_attention`` gives attention weights spread far apart (for ``show``'s colours).
 """
 from __future__ import annotations
 
@@ -64,3 +65,25 @@ class _Faulty(_Slow):
 
 def faulty_tiny(**kwargs):
     return _Faulty(build_tiny(**kwargs), 0.0)
+
+
+class _Graded(_Slow):
+    """Attention far from uniform: over a page's valid panels, weights 1, 1/2, 1/4, ... (normalised),
+    handed out in a fixed shuffled order, so the panels span the whole colour scale of ``show``."""
+
+    def forward(self, batch):
+        import numpy as np
+
+        out = self.inner.forward(batch)
+        att = out["attention_weights"]
+        for j in range(att.shape[0]):
+            valid = np.flatnonzero(att[j] > 0)
+            ranks = np.random.default_rng(len(valid)).permutation(len(valid))
+            w = 0.5 ** ranks.astype(np.float64)
+            att[j] = 0
+            att[j, valid] = w / w.sum()
+        return out
+
+
+def graded_attention(**kwargs):
+    return _Graded(build_tiny(**kwargs), 0.0)

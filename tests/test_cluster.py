@@ -130,13 +130,27 @@ def test_gpu_spec_cluster_pins_one_device_per_worker():
         assert {e["CUDA_VISIBLE_DEVICES"] for e in seen} <= {"0", "1"}
 
 
-def test_cpu_only_build_has_no_gpu_ids():
-    torch = pytest.importorskip("torch")
-    if not torch.version.cuda:
+def test_no_visible_gpu_means_no_gpu_ids(monkeypatch):
+    """Asserts on every machine without a GPU, whichever torch build it has (a plain index gives a
+    CUDA build on Linux): no GPU ids, and ``--device cuda`` is refused, never a CPU fall-back."""
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+
+    def no_gpu(why: str):
         assert cluster.targets.gpu_ids() == []
-        with pytest.raises(ClusterError, match="no CUDA GPU is visible"):
+        with pytest.raises(ClusterError, match=f"no CUDA GPU is visible{why}"):
             with open_cluster("local", device="cuda"):
                 pass
+
+    no_gpu(r" \(torch .* is a CPU-only build\)" if not torch.version.cuda else "")
+    # the paths a CUDA build takes, on this machine: a CPU build reports 0 devices as a CUDA build
+    # without a driver or a GPU does
+    monkeypatch.setattr(torch.version, "cuda", torch.version.cuda or "12.8")
+    no_gpu("")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # names devices that are not there
+    no_gpu(r" \(CUDA_VISIBLE_DEVICES='0,1'\)")
 
 
 def test_sync_target_runs_same_task_in_process():
@@ -279,7 +293,6 @@ def test_make_security_errors(tmp_path):
 
 
 def test_slurm_job_script_gpu():
-    pytest.importorskip("dask_jobqueue")
     script = slurm_job_script({"kind": "slurm", "workers": 4, "gpus_per_worker": 1, "cores": 8, "memory": "32GB",
                                "walltime": "01:00:00"})
     assert "#SBATCH --gres=gpu:1" in script
@@ -305,7 +318,6 @@ def test_spec_file_validation(tmp_path):
 
 
 def test_kubernetes_spec_gpu_on_worker_only():
-    pytest.importorskip("dask_kubernetes")
     spec = kubernetes_cluster_spec({"kind": "kubernetes", "workers": 3, "gpus_per_worker": 1,
                                     "image": "example/pagecube:1"})
     worker = spec["spec"]["worker"]["spec"]["containers"][0]
@@ -318,7 +330,6 @@ def test_kubernetes_spec_gpu_on_worker_only():
 
 
 def test_slurm_spec_without_sbatch_is_one_clear_line(tmp_path):
-    pytest.importorskip("dask_jobqueue")
     import shutil
 
     if shutil.which("sbatch"):

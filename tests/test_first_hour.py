@@ -57,16 +57,16 @@ def test_unquoted_glob_says_to_quote_it(sample40):
 
 
 def test_worker_errors_in_preflight_go_to_a_log_file_not_the_terminal(sample40, tmp_path):
-    blocker = tmp_path / "afile"
-    blocker.write_text("")
-    proc = run_cli("build", sample40, "--out", blocker / "s.zarr", "--workers", "1", "--model", "tiny",
-                   "--preflight-timeout", 60, check=1)
-    assert "not writable from the workers" in _one_error_line(proc)
-    assert "distributed.worker" not in proc.stderr and "Compute Failed" not in proc.stderr
-    log = re.search(r"Dask logged 1 error \(not shown here\): (\S+)", proc.stderr)
+    """A model that fails to load on the workers: Dask logs the failure there with a traceback."""
+    proc = run_cli("build", sample40, "--out", tmp_path / "s.zarr", "--workers", "1",
+                   "--model", "resident_factory:broken", "--preflight-timeout", 60, check=1)
+    assert "could not be loaded" in _one_error_line(proc) and "corrupt (test)" in proc.stderr
+    assert " - distributed." not in proc.stderr
+    log = re.search(r"workers logged (\d+) errors? (?:and \d+ warnings? )?\(not shown here\): (\S+)", proc.stderr)
     assert log, proc.stderr
-    with open(log.group(1)) as f:
-        assert "Compute Failed" in f.read()
+    with open(log.group(2)) as f:
+        text = f.read()
+    assert "corrupt (test)" in text and "Traceback" in text
 
 
 def test_unguarded_script_gets_one_clear_error_not_a_hang(sample40, tmp_path):

@@ -173,10 +173,19 @@ def test_torch_save_state_dict_loads_weights_only(tiny, tmp_path, nest):
     assert model.info.weights_source == "checkpoint:tiny.pt"
 
 
-def test_legacy_torch_format_loads(tiny, tmp_path):
+def test_legacy_torch_format_loads(tiny, batch_pages, batch_out, tmp_path):
+    state = tiny.module.state_dict()
     path = tmp_path / "legacy.pth"
-    torch.save(tiny.module.state_dict(), path, _use_new_zipfile_serialization=False)
-    assert load_state_dict(path).keys() == tiny.module.state_dict().keys()
+    torch.save(state, path, _use_new_zipfile_serialization=False)
+    assert not zipfile.is_zipfile(path)  # the pre-1.6 format, not the zip one
+    loaded = load_state_dict(path)
+    assert loaded.keys() == state.keys()
+    for k in state:
+        assert loaded[k].dtype == state[k].dtype and torch.equal(loaded[k], state[k]), k
+    model = load_model("tiny", max_panels=P, checkpoint=str(path), seed=99)  # not the fixture's seed
+    out = run(model, batch_pages)
+    for key in batch_out:
+        np.testing.assert_array_equal(out[key], batch_out[key])
 
 
 class Evil:

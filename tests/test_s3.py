@@ -20,8 +20,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-s3fs = pytest.importorskip("s3fs")
+import s3fs
 
 ACCESS_KEY = "AKIAPAGECUBETEST7Q2X"
 SECRET_KEY = "pagecube-test-secret-Zq93xKv81"
@@ -79,8 +78,7 @@ def s3(tmp_path_factory):
 
     exe = shutil.which("moto_server", path=os.pathsep.join([str(Path(sys.executable).parent),
                                                             os.environ.get("PATH", "")]))
-    if exe is None:
-        pytest.skip("moto_server not installed (pip install 'moto[server]')")
+    assert exe is not None, "moto_server not installed (pip install 'moto[server]', part of pagecube[test])"
     tmp = tmp_path_factory.mktemp("s3")
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -248,3 +246,62 @@ def test_s3_storage_options_without_aws_environment(s3, tmp_path):
 
     _no_secrets([built.stdout, built.stderr, status.stdout, shown.stdout, shown.stderr, denied.stderr],
                 s3.fs, root)
+
+
+# --- the lock on an object store: conditional writes, so racing builds cannot both win ---------------------
+def _race(acquire, n: int = 6) -> list:
+    """Run ``acquire()`` in ``n`` threads released together; returns what each got (a lock or the error)."""
+    import threading
+
+    barrier = threading.Barrier(n)
+    got: list = [None] * n
+
+    def one(i):
+        barrier.wait()
+        try:
+            got[i] = acquire()
+        except Exception as exc:  # noqa: BLE001 - the loser's refusal is the answer
+            got[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return got
+
+
+def test_lock_on_s3_has_exactly_one_winner_every_time(s3):
+    from pipeline.store.conditional import supports_conditional_writes
+    from pipeline.store.lock import StoreLocked, WriterLock, read_lock
+    from pipeline.store.location import StoreLocation
+
+    loc0 = StoreLocation.of("s3://cubes/race-0", s3.options)
+    assert supports_conditional_writes(loc0), "moto honours If-None-Match: the atomic path must be used"
+    for round_ in range(20):
+        loc = StoreLocation.of(f"s3://cubes/race-{round_}", s3.options)
+        got = _race(lambda: WriterLock(loc, heartbeat_s=60).acquire())
+        winners = [g for g in got if isinstance(g, WriterLock)]
+        losers = [g for g in got if isinstance(g, StoreLocked)]
+        assert len(winners) == 1 and len(losers) == len(got) - 1, got
+        assert read_lock(loc).run_id == winners[0].info.run_id
+        winners[0].release()
+        assert read_lock(loc) is None
+
+
+def test_expired_lease_on_s3_is_taken_over_by_one_of_two(s3):
+    from pipeline.store.lock import LOCK_NAME, StoreLocked, WriterLock, read_lock
+    from pipeline.store.location import StoreLocation
+
+    loc = StoreLocation.of("s3://cubes/expired", s3.options)
+    old = time.time() - 100
+    s3.fs.pipe_file(loc.meta_path(LOCK_NAME), json.dumps(
+        {"run_id": "deadbeef0001", "host": "gone-host", "pid": 7, "started": old, "heartbeat": old,
+         "lease_s": 30}).encode())
+    got = _race(lambda: WriterLock(loc, heartbeat_s=60).acquire(), n=4)
+    winners = [g for g in got if isinstance(g, WriterLock)]
+    assert len(winners) == 1, got
+    assert "lease expired" in winners[0].took_over_from and "gone-host" in winners[0].took_over_from
+    assert all(isinstance(g, StoreLocked) for g in got if g is not winners[0])
+    assert read_lock(loc).run_id == winners[0].info.run_id
+    winners[0].release()

@@ -76,13 +76,74 @@ def test_show_labels_hide_no_balloon_or_caption(built, tmp_path):
     assert checked > 10
 
 
-def test_show_labels_and_colours_follow_attention(built, tmp_path):
-    from pipeline.show import _colour, render_page
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    """Four pages built by a model whose attention is spread far apart (weights 1, 1/2, 1/4, ...)."""
+    tmp = tmp_path_factory.mktemp("graded")
+    listing = make_sample(tmp / "pages", 4, seed=5)
+    store = tmp / "graded.zarr"
+    result = pipeline.build(str(listing), str(store), cluster="sync", chunk_pages=4, progress=False,
+                            model="models_for_tests:graded_attention")
+    assert result.done == 4
+    return tmp, store
 
-    _, store, _ = built
-    img, shown = render_page(str(store), "@0", tmp_path / "p0.png")
-    assert shown.state == "done" and shown.panels > 0
-    assert _colour(0.0) != _colour(1.0)
+
+def test_show_labels_and_colours_follow_attention(graded, tmp_path):
+    """Read the picture: each box's outline is a viridis colour whose place on the scale follows the
+    panel's attention (the most attended panel at the yellow end, the least at the dark end), and a
+    label in that colour, with text on it, sits in one of each box's inner corners."""
+    from matplotlib import colormaps
+
+    tmp, store = graded
+    ds = pipeline.open_pages(str(store))
+    n_valid = ds["panel_mask"].values.sum(axis=1)
+    index = int(np.argmax(n_valid))  # the page with the most panels
+    page = ds.isel(page=index).load()
+    pid = str(page["page_id"].item())
+    out = tmp_path / "graded.png"
+    assert main(["show", str(store), pid, "-o", str(out)]) == 0
+    drawn = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    original = np.asarray(Image.open(tmp / "pages" / "images" / f"page_{index:05d}.jpg").convert("RGB")).astype(int)
+
+    mask = page["panel_mask"].values
+    att = page["attention_weights"].values[mask]
+    boxes = page["panel_coordinates"].values[mask]
+    assert len(att) >= 4 and att.max() > 8 * att.min()  # far from uniform: the colours must tell them apart
+    lut = (colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255).astype(int)
+    line = max(2, int(4 * max(drawn.shape[:2]) / 1000))  # outline width in pixels
+
+    places = []
+    for x, y, w, h in boxes:
+        x0, y0, ym = int(round(x)), int(round(y)), int(y + h / 2)
+        x1, y1 = int(round(x + w)), int(round(y + h))
+        edge = drawn[ym - 5: ym + 5, x0 + 1]  # the middle of the box's left edge
+        colour = np.median(edge, axis=0).astype(int)
+        assert (np.abs(edge - colour).sum(axis=1) == 0).mean() > 0.8, edge  # one flat colour
+        dist = np.abs(lut - colour).sum(axis=1)
+        assert dist.min() <= 6, (colour, "not a viridis colour")
+        places.append(int(np.argmin(dist)) / 255)
+
+        # the label: a band of the box's colour in one inner corner, with text in white or black on it
+        labelled = 0
+        for ys in (slice(y0 + line, y0 + line + 40), slice(y1 - line - 40, y1 - line)):
+            for xs in (slice(x0 + line + 1, x0 + line + 41), slice(x1 - line - 41, x1 - line - 1)):
+                window = drawn[ys, xs]
+                band = np.flatnonzero((np.abs(window - colour).sum(axis=2) <= 3).mean(axis=1) > 0.5)
+                if not len(band) or band[-1] - band[0] < 12:
+                    continue
+                ink = (255, 255, 255) if colour.sum() <= 450 else (0, 0, 0)
+                text = (np.abs(window[band[0]: band[-1] + 1] - ink).sum(axis=2) < 150).sum()
+                assert text >= 15, "a label without text"
+                assert np.abs(window - original[ys, xs]).mean() > 20  # drawn over the page
+                labelled += 1
+        assert labelled >= 1, "no label at the box"
+
+    places = np.array(places)
+    hi, lo = int(np.argmax(att)), int(np.argmin(att))
+    assert places[hi] >= 0.9, places  # the most attended panel: the yellow end
+    assert places[lo] <= 0.15, places  # the least attended panel: the dark end
+    order = np.argsort(att)
+    assert (np.diff(places[order]) >= 0).all(), (att[order], places[order])  # more attention, further up the scale
 
 
 def test_show_failed_page_has_a_banner_with_the_reason(built, capsys):

@@ -1,31 +1,76 @@
-"""One writer at a time: a lock object in the store with run id, host, pid and heartbeat.
+"""One writer at a time: the store's lock is a lease held by one build (run id, host, pid, heartbeat).
 
-A lock whose holder is provably gone (same host, process not running) is taken
-over at once, so rerunning after a crash just resumes.  A lock from another
-host is taken over when its heartbeat is older than ``STALE_AFTER_S``, or when
-the user says so (``--take-over-lock``).
+The holder renews the lease every few seconds; a lease not renewed for its
+length (``PAGECUBE_LOCK_LEASE_S``, default 300 s, recorded in the lock so every
+reader uses the holder's own length) has expired and may be taken over.  A
+holder on this very host (same hostname, boot and process namespace) whose
+process is gone is taken over at once, so rerunning after a crash just
+resumes; ``--take-over-lock`` takes a live lease on request.
+
+Every change to the lock object is a conditional write (``conditional.py``):
+two builds that start in the same instant, or two that take over the same
+expired lease, cannot both win.  Tasks check the lease before they write
+(``fence``), so the leftover tasks of a build that lost its lease (a client
+that was cut off or died) write nothing after another build took the store.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
+from . import conditional
 from .location import StoreLocation
 
 LOCK_NAME = "lock.json"
+LEASE_ENV = "PAGECUBE_LOCK_LEASE_S"
+DEFAULT_LEASE_S = 300.0
+LEGACY_LEASE_S = 600.0  # locks written before leases were recorded: their holders renewed every 30 s
 HEARTBEAT_S = 30.0
-STALE_AFTER_S = 600.0  # another host's lock with no heartbeat for 10 minutes is stale
 
 
 class StoreLocked(RuntimeError):
     """Another live build holds the store."""
+
+
+class LeaseLost(RuntimeError):
+    """This build no longer holds the store's lease: another build took it over."""
+
+
+def lease_seconds() -> float:
+    raw = os.environ.get(LEASE_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_LEASE_S
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise ValueError(f"{LEASE_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def host_identity() -> str:
+    """This host as far as "is that pid alive?" can be asked: hostname, boot, process namespace.
+
+    Two machines (or containers) may share a hostname; a pid means something
+    only inside one boot and one pid namespace.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    return f"{socket.gethostname()}|{boot}|{pidns}"
 
 
 @dataclass
@@ -35,10 +80,26 @@ class LockInfo:
     pid: int
     started: float
     heartbeat: float
+    lease_s: float = LEGACY_LEASE_S
+    host_id: str = ""
+
+    @classmethod
+    def parse(cls, raw: bytes) -> "LockInfo":
+        data = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})  # newer writers may add keys
 
     def describe(self) -> str:
         age = time.time() - self.heartbeat
         return f"run {self.run_id} on host {self.host} (pid {self.pid}), last heartbeat {age:.0f}s ago"
+
+    def same_host(self) -> bool:
+        if self.host_id:
+            return self.host_id == host_identity()
+        return self.host == socket.gethostname()  # a lock from before host ids were recorded
+
+
+UNREADABLE = LockInfo("unreadable", "?", -1, 0.0, 0.0)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -51,36 +112,39 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def read_lock(loc: StoreLocation) -> LockInfo | None:
-    try:
-        raw = loc.fs.cat_file(loc.meta_path(LOCK_NAME))
-        return LockInfo(**json.loads(raw))
-    except (FileNotFoundError, NotADirectoryError):  # no lock (or no store folder at all)
+def _read(loc: StoreLocation) -> tuple[LockInfo, str] | None:
+    seen = conditional.read_tagged(loc, loc.meta_path(LOCK_NAME))
+    if seen is None:
         return None
-    except (ValueError, TypeError):  # torn or foreign content: treat as stale debris
-        return LockInfo("unreadable", "?", -1, 0.0, 0.0)
+    try:
+        return LockInfo.parse(seen[0]), seen[1]
+    except (ValueError, TypeError):  # foreign content: debris that may be taken over
+        return UNREADABLE, seen[1]
 
 
-def holder_is_gone(info: LockInfo, stale_after: float = STALE_AFTER_S) -> str | None:
-    """Why the lock may be taken over, or None when its holder may be alive."""
+def read_lock(loc: StoreLocation) -> LockInfo | None:
+    seen = _read(loc)
+    return None if seen is None else seen[0]
+
+
+def holder_is_gone(info: LockInfo) -> str | None:
+    """Why the lock may be taken over, or None while its holder's lease is live."""
     if info.run_id == "unreadable":
         return "the lock file is unreadable"
-    if info.host == socket.gethostname():
-        if not _pid_alive(info.pid):
-            return f"process {info.pid} on this host is no longer running"
-        return None
+    if info.same_host() and not _pid_alive(info.pid):
+        return f"process {info.pid} on this host is no longer running"
     age = time.time() - info.heartbeat
-    if age > stale_after:
-        return f"its heartbeat is {age:.0f}s old (limit {stale_after:.0f}s)"
+    if age > info.lease_s:
+        return f"its lease expired: heartbeat is {age:.0f}s old (lease {info.lease_s:.0f}s)"
     return None
 
 
-def refuse_if_locked(loc: StoreLocation, take_over: bool = False, stale_after: float = STALE_AFTER_S) -> None:
+def refuse_if_locked(loc: StoreLocation, take_over: bool = False) -> None:
     """Early, read-only check: raise StoreLocked when a live build holds the store."""
     if take_over:
         return
     current = read_lock(loc)
-    if current is not None and holder_is_gone(current, stale_after) is None:
+    if current is not None and holder_is_gone(current) is None:
         raise StoreLocked(_locked_message(loc, current))
 
 
@@ -88,18 +152,35 @@ def _locked_message(loc: StoreLocation, holder: LockInfo) -> str:
     return f"store {loc} is locked by {holder.describe()}; wait for it, or pass --take-over-lock if that build is gone"
 
 
-class WriterLock:
-    """Context manager: acquire, keep a heartbeat, release."""
+def fence(loc: StoreLocation, run_id: str) -> None:
+    """Raise LeaseLost unless run ``run_id`` still holds the store: checked by tasks before they write."""
+    current = read_lock(loc)
+    if current is None or current.run_id != run_id:
+        holder = current.describe() if current is not None else "nobody (the lock was released)"
+        msg = f"run {run_id} no longer holds store {loc}: it is held by {holder}; write abandoned"
+        logging.getLogger("pagecube.lock").warning("pagecube: %s", msg)  # in the worker's log: who was fenced off
+        raise LeaseLost(msg)
 
-    def __init__(self, loc: StoreLocation, *, take_over: bool = False, stale_after: float = STALE_AFTER_S,
-                 heartbeat_s: float = HEARTBEAT_S):
+
+class WriterLock:
+    """Context manager: acquire the lease, renew it, release it.
+
+    ``lost`` says why the lease was lost (another build took it over), so the
+    build can stop; tasks stop themselves through ``fence``.
+    """
+
+    def __init__(self, loc: StoreLocation, *, take_over: bool = False, lease_s: float | None = None,
+                 heartbeat_s: float | None = None):
         self.loc = loc
         self.take_over = take_over
-        self.stale_after = stale_after
-        self.heartbeat_s = heartbeat_s
+        lease = lease_s if lease_s is not None else lease_seconds()
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else min(HEARTBEAT_S, lease / 5)
         now = time.time()
-        self.info = LockInfo(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), now, now)
+        self.info = LockInfo(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), now, now, lease,
+                             host_id=host_identity())
         self.took_over_from: str | None = None
+        self.lost: str | None = None
+        self._tag: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -107,40 +188,30 @@ class WriterLock:
     def path(self) -> str:
         return self.loc.meta_path(LOCK_NAME)
 
-    def _write(self, exclusive: bool) -> None:
-        fs = self.loc.fs
-        if self.loc.is_local:
-            fs.makedirs(self.loc.meta_path(), exist_ok=True)
-        data = json.dumps(asdict(self.info)).encode()
-        if exclusive and self.loc.is_local:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        elif self.loc.is_local:
-            tmp = f"{self.path}.{self.info.run_id}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.path)
-        else:
-            # Object stores: check-then-write; two builds starting in the same
-            # instant are not excluded (documented limitation), later ones are.
-            fs.pipe_file(self.path, data)
+    def _data(self) -> bytes:
+        return json.dumps(asdict(self.info)).encode()
 
     def acquire(self) -> "WriterLock":
-        for _ in range(3):
-            current = read_lock(self.loc)
-            if current is not None:
-                reason = holder_is_gone(current, self.stale_after)
-                if reason is None and not self.take_over:
-                    raise StoreLocked(_locked_message(self.loc, current))
-                self.took_over_from = f"{current.describe()}: {reason or 'taken over on request'}"
-                self.loc.fs.rm_file(self.path)
+        forced: str | None = None  # --take-over-lock applies to the holder seen first, not to a racer
+        for attempt in range(5):
+            seen = _read(self.loc)
+            self.info.heartbeat = time.time()
             try:
-                self._write(exclusive=True)
-            except FileExistsError:
-                continue  # someone raced us: look again
-            if not self.loc.is_local:
-                time.sleep(0.05)
+                if seen is None:
+                    self._tag = conditional.create(self.loc, self.path, self._data())
+                else:
+                    current, tag = seen
+                    if attempt == 0 and self.take_over:
+                        forced = current.run_id
+                    reason = holder_is_gone(current)
+                    if reason is None and current.run_id != forced:
+                        raise StoreLocked(_locked_message(self.loc, current))
+                    self._tag = conditional.replace(self.loc, self.path, self._data(), tag)
+                    self.took_over_from = f"{current.describe()}: {reason or 'taken over on request'}"
+            except conditional.Conflict:
+                continue  # another build changed the lock between our look and our write: look again
+            if not conditional.supports_conditional_writes(self.loc):
+                time.sleep(0.05)  # no compare-and-swap here: see whether a racer overwrote us
                 mine = read_lock(self.loc)
                 if mine is None or mine.run_id != self.info.run_id:
                     raise StoreLocked(f"store {self.loc} was locked by another build at the same moment")
@@ -151,25 +222,27 @@ class WriterLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            current = read_lock(self.loc)
-            if current is None or current.run_id != self.info.run_id:
-                return  # taken over: stop touching it
             self.info.heartbeat = time.time()
             try:
-                self._write(exclusive=False)
-            except OSError:
+                self._tag = conditional.replace(self.loc, self.path, self._data(), self._tag)
+            except conditional.Conflict:
+                current = read_lock(self.loc)
+                if current is not None and current.run_id == self.info.run_id:
+                    continue  # our own lock under another tag (a store without compare-and-swap)
+                self.lost = current.describe() if current is not None else "nobody (the lock was removed)"
+                return  # taken over: stop touching it
+            except Exception:  # noqa: BLE001 - a network hiccup: try again at the next beat
                 pass
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        current = read_lock(self.loc)
-        if current is not None and current.run_id == self.info.run_id:
+        if self.lost is None and self._tag is not None:
             try:
-                self.loc.fs.rm_file(self.path)
-            except FileNotFoundError:
-                pass
+                conditional.delete(self.loc, self.path, self._tag)
+            except conditional.Conflict:
+                pass  # taken over meanwhile: it is not ours to remove
 
     def __enter__(self) -> "WriterLock":
         return self.acquire()

@@ -56,8 +56,12 @@ def read_region(group: zarr.Group, name: str, start: int, stop: int) -> np.ndarr
 
 
 def write_region(group: zarr.Group, arrays: dict[str, np.ndarray], start: int, stop: int,
-                 chunk_pages: int) -> None:
+                 chunk_pages: int, before_completion=None) -> None:
     """Data variables (concurrently), then the completion variables in later steps.
+
+    ``before_completion()`` runs between the data and the completion steps and
+    may raise to stop the write there (the fence: a task whose build lost the
+    store's lease never marks pages done).
 
     Each step is one call into zarr's event loop: the data variables are
     gathered together (their chunks are encoded and stored concurrently), and
@@ -78,6 +82,8 @@ def write_region(group: zarr.Group, arrays: dict[str, np.ndarray], start: int, s
         return data
 
     _put_together(group, [n for n in DATA_VARS if n in arrays], data_for, start, stop)
+    if before_completion is not None:
+        before_completion()
     # completion last, in its own steps: written_at, then status
     for name in ("written_at", "status"):
         _put_together(group, [name], data_for, start, stop)
@@ -107,10 +113,11 @@ def _checked_cast(name: str, data: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return out
 
 
-def verify_region(group: zarr.Group, arrays: dict[str, np.ndarray], start: int, stop: int) -> list[str]:
+def verify_region(group: zarr.Group, arrays: dict[str, np.ndarray], start: int, stop: int,
+                  names=(*DATA_VARS, *COMPLETION_VARS)) -> list[str]:
     """Read the region back and compare (``--verify``); returns the variables that differ."""
     bad = []
-    for name in (*DATA_VARS, *COMPLETION_VARS):
+    for name in names:
         back = array(group, name)[start:stop]
         want = arrays[name]
         if want.dtype.kind == "f" or back.dtype.kind == "f":
