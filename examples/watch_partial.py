@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         store = os.path.join(args.demo, "cube.zarr")
         pagecube = [sys.executable, "-c", "from pipeline.cli import run; run()"]  # = the pagecube command
         cmd = pagecube + ["build", str(listing), "--out", store, "--cluster", "sync", "--chunk-pages", "4",
-                          "--batch-size", "4", "--no-progress", "--overwrite"]
+                          "--batch-size", "4", "--model", "tiny", "--no-progress", "--overwrite"]
         build = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         print(f"started: pagecube build ... --out {store} (pid {build.pid})")
 

@@ -11,7 +11,9 @@ Phases, each safe to repeat (bio2zarr style):
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -20,7 +22,7 @@ import dask
 from . import __version__
 from .errors import BadArgument, BuildError
 from .inputs import InputError, PageSource
-from .model.registry import ModelNotFound, resolve_factory
+from .model.registry import BUILTIN, UNTRAINED_NOTICE, ModelNotFound, default_model, resolve_factory
 from .plan import default_chunk_pages, plan_build
 from .progress import Progress
 from .store import index as chunk_index
@@ -111,7 +113,7 @@ def build(
     chunk_pages: int | None = None,
     batch_size: int = 16,
     max_panels: int = 12,
-    model: str = "tiny",
+    model: str | None = None,
     checkpoint: str | None = None,
     embedding_dim: int | None = None,
     model_options: dict | None = None,
@@ -135,7 +137,11 @@ def build(
     ``cluster`` may also be the address of a scheduler you keep running
     (``tcp://...``/``tls://...``); ``preflight_timeout`` bounds the pre-flight
     checks (workers joined, resources, model loaded, store writable) in seconds.
+    ``model=None`` resumes a store with its own built-in model, else takes
+    ``tiny`` for a ``checkpoint``, ``pretrained`` where it is installed and
+    ``tiny`` (untrained) where not.
     """
+    _refuse_while_bootstrapping()
     _validate(chunk_pages, batch_size, max_panels, workers, threads_per_worker, embedding_dtype, codec, device)
     try:
         lease_seconds()
@@ -144,6 +150,10 @@ def build(
     if checkpoint is not None and "://" not in checkpoint:
         _check_readable(checkpoint)
     _check_cluster_target(cluster)
+    defaulted = model is None
+    if defaulted:  # a checkpoint is for a trainable model: tiny's
+        model = "tiny" if checkpoint is not None else default_model()
+    fallback = defaulted and checkpoint is None and model == "tiny"  # pretrained is not installed here
     try:
         resolve_factory(model)
     except ModelNotFound as exc:
@@ -153,6 +163,10 @@ def build(
     except InputError as exc:
         raise BadArgument(str(exc)) from None
     loc = StoreLocation.of(out, storage_options)
+    if loc.is_local and os.path.exists(loc.root) and not os.path.isdir(loc.root):
+        raise BadArgument(f"--out {out} is an existing file, not a store folder; give a new path "
+                          "(--overwrite replaces only stores)")
+    _refuse_foreign_folder(loc, out)
     n_pages = len(source)
 
     refuse_if_locked(loc, take_over_lock)  # before starting a cluster for nothing
@@ -172,24 +186,32 @@ def build(
             raise BadArgument(f"store {loc} was made with --max-panels {existing.max_panels}, not {max_panels}; "
                               "use --overwrite to start afresh")
         grow_from = _growth(loc, existing, source)
+        if defaulted and existing.model in BUILTIN:
+            model = existing.model  # rerunning the same command resumes, whatever is installed now
+    if fallback and model == "tiny":
+        say(UNTRAINED_NOTICE)
     chunk_pages = chunk_pages or default_chunk_pages(n_pages)
 
     from cluster import install_event_counters, install_resident, open_cluster
+    from cluster.logs import dask_logs_to_file
 
     from .preflight import check_cluster, check_pages, check_store
 
     model_kwargs = {"name": model, "max_panels": max_panels, "embedding_dim": embedding_dim,
                     "checkpoint": checkpoint, "seed": seed, **(model_options or {})}
     t_start = time.monotonic()
-    with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
+    dask_log = (contextlib.nullcontext() if cluster == "sync" else
+                dask_logs_to_file("pagecube-dask-", report=lambda line: say(f"pagecube: {line}")))
+    with dask_log as dlog, _spawn_flag() as flag, dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
                           "distributed.scheduler.worker-saturation": WORKER_SATURATION}), \
             _QuietClose(open_cluster(cluster, workers=workers, threads_per_worker=threads_per_worker, device=device,
                                      dashboard_address=dashboard_address, security=security,
-                                     timeout=preflight_timeout)) as handle:
+                                     timeout=preflight_timeout), flag) as handle:
         dev = _resolve_device(device, handle)
         model_kwargs["device"] = dev
         if handle.dashboard_link:
-            say(f"pagecube: Dask dashboard at {handle.dashboard_link}")
+            logs = f" (Dask's own logs: {dlog.path})" if dlog is not None else ""
+            say(f"pagecube: Dask dashboard at {handle.dashboard_link}{logs}")
         client = handle.client
         for line in check_cluster(handle, dev, preflight_timeout):
             say(f"pagecube: warning: {line}")
@@ -294,13 +316,19 @@ def _install_page(client, loc: StoreLocation, image_root: str | None, dashboard_
 
 class _QuietClose:
     """A cluster that fails to shut down (a worker still restarting after a crash) must not turn a
-    finished build into an error: the store is complete by then, so say so and go on."""
+    finished build into an error: the store is complete by then, so say so and go on.  One that fails
+    to start because its workers re-ran an unguarded script (they wrote to ``flag``) says so."""
 
-    def __init__(self, cm):
-        self.cm = cm
+    def __init__(self, cm, flag: str | None = None):
+        self.cm, self.flag = cm, flag
 
     def __enter__(self):
-        return self.cm.__enter__()
+        try:
+            return self.cm.__enter__()
+        except Exception:
+            if self.flag and os.path.isfile(self.flag) and os.path.getsize(self.flag):
+                raise BuildError(f"the Dask workers did not start: {BOOTSTRAPPING}") from None
+            raise
 
     def __exit__(self, *exc):
         try:
@@ -311,6 +339,50 @@ class _QuietClose:
             say(f"pagecube: warning: the cluster did not shut down cleanly ({type(err).__name__}); "
                  "the build itself finished")
             return False
+
+
+BOOTSTRAPPING = ("pipeline.build was called while a worker process was starting and re-importing your script: "
+                 "put the call under `if __name__ == \"__main__\":`")
+SPAWN_FLAG = "PAGECUBE_SPAWN_FLAG"  # a file a worker process of ours writes when it re-ran pipeline.build
+
+
+def _refuse_while_bootstrapping() -> None:
+    """A script without the ``__main__`` guard runs ``build`` again in every worker Dask spawns (the spawn
+    start method re-imports the main module); that build would start its own cluster and hang.  In a
+    worker of ours, note it for the build that started us and exit quietly: that build says it once."""
+    import multiprocessing
+
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):  # what multiprocessing checks
+        return
+    flag = os.environ.get(SPAWN_FLAG)
+    if flag and os.path.isfile(flag):
+        with open(flag, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        raise SystemExit(1)
+    raise BuildError(BOOTSTRAPPING)
+
+
+@contextlib.contextmanager
+def _spawn_flag():
+    """The flag file of :func:`_refuse_while_bootstrapping`, named to worker processes spawned here."""
+    fd, flag = tempfile.mkstemp(prefix="pagecube-spawn-")
+    os.close(fd)
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{SPAWN_FLAG}": flag}):
+            yield flag
+    finally:
+        os.environ.pop(SPAWN_FLAG, None)  # the nanny exported it here; later processes must not see it
+        os.unlink(flag)
+
+
+def _refuse_foreign_folder(loc: StoreLocation, out) -> None:
+    """A new store empties its folder first: never one that holds other files (``--out my-pages`` by mistake)."""
+    fs = loc.fs
+    if loc.exists() or fs.exists(loc.meta_path()) or not fs.exists(loc.root) or not fs.isdir(loc.root):
+        return
+    if fs.ls(loc.root, detail=False):
+        raise BadArgument(f"--out {out} is a folder that holds other files, not a pagecube store; give a new path "
+                          "(pagecube would empty it; --overwrite replaces only stores)")
 
 
 def _check_cluster_target(cluster) -> None:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import NotAStore
+from .readers import require_store
 from .store import index as chunk_index
 from .store.debris import clean_debris, find_debris
 from .store.location import StoreLocation, quiet_zarr_warnings
@@ -227,8 +229,10 @@ def _check_chunk(loc, plain, ds, c: int, start: int, stop: int, P: int, entries:
 
 def diagnose(store, repair: bool = False, storage_options: dict | None = None) -> Report:
     """Check ``store``; with ``repair`` fix what can be fixed (see the module docstring)."""
+    loc = StoreLocation.of(store, storage_options)
+    require_store(loc, damaged_ok=True)  # a folder that is no store at all is a bad argument, not something to repair
     with quiet_zarr_warnings():
-        return _diagnose(StoreLocation.of(store, storage_options), repair)
+        return _diagnose(loc, repair)
 
 
 def _diagnose(loc: StoreLocation, repair: bool) -> Report:
@@ -243,6 +247,8 @@ def _diagnose(loc: StoreLocation, repair: bool) -> Report:
     if cons is not None:
         _check_metadata(cons, plain, report)
     attrs = dict(plain.attrs)
+    if "status" not in plain and "chunk_pages" not in attrs:
+        raise NotAStore(f"{loc} is not a pagecube store (a Zarr group without pagecube's arrays and attributes)")
     if "status" not in plain:
         report.fault("array status is missing: not a pagecube store?")
         return report

@@ -7,3 +7,7 @@ class BuildError(RuntimeError):
 
 class BadArgument(ValueError):
     """A bad argument, or a store that does not match the arguments (exit code 2)."""
+
+
+class NotAStore(BadArgument):
+    """A path given as a store holds none (exit code 2): say so, rather than zarr's 'No group found'."""

@@ -15,6 +15,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from .errors import NotAStore
 from .store import index as chunk_index
 from .store.location import StoreLocation, quiet_zarr_warnings
 from .store.lock import lock_state
@@ -26,10 +27,39 @@ RATE_WINDOW_CHUNKS = 64
 MAX_REASON_CHUNKS = 256
 
 
+def require_store(loc: StoreLocation, damaged_ok: bool = False) -> None:
+    """Raise :class:`NotAStore` with one line unless ``loc`` holds a store (``damaged_ok``: or the
+    bookkeeping of one whose root metadata is gone, for diagnose to look at)."""
+    if loc.exists():
+        return
+    fs = loc.fs
+    if fs.exists(loc.meta_path()):  # our bookkeeping is there, the root metadata is not
+        if damaged_ok:
+            return
+        raise NotAStore(f"{loc} is a damaged pagecube store (its root zarr.json is missing): "
+                        f"see `pagecube diagnose {loc}`")
+    where = "" if fs.exists(loc.root) else " (nothing is there)"
+    raise NotAStore(f"{loc} is not a pagecube store{where}")
+
+
+def _require_pagecube(loc: StoreLocation, group: zarr.Group) -> None:
+    if "status" not in group or "chunk_pages" not in group.attrs:
+        raise NotAStore(f"{loc} is not a pagecube store (a Zarr group without pagecube's arrays and attributes)")
+
+
 def open_store(store, storage_options: dict | None = None) -> xr.Dataset:
     loc = StoreLocation.of(store, storage_options)
-    with quiet_zarr_warnings():
-        return xr.open_zarr(loc.zarr_store, consolidated=True)
+    require_store(loc)
+    try:
+        with quiet_zarr_warnings():
+            return xr.open_zarr(loc.zarr_store, consolidated=True)
+    except (KeyError, ValueError, zarr.errors.BaseZarrError) as exc:  # e.g. no consolidated metadata
+        raise NotAStore(f"{loc} is not a pagecube store ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def open_pages(store, done_only: bool = True, storage_options: dict | None = None) -> xr.Dataset:
@@ -42,8 +72,11 @@ def open_pages(store, done_only: bool = True, storage_options: dict | None = Non
 
 
 def _group(loc: StoreLocation) -> zarr.Group:
-    with quiet_zarr_warnings():
-        return zarr.open_group(loc.zarr_store, mode="r", use_consolidated=True)
+    try:
+        with quiet_zarr_warnings():
+            return zarr.open_group(loc.zarr_store, mode="r", use_consolidated=True)
+    except (KeyError, ValueError, zarr.errors.BaseZarrError) as exc:
+        raise NotAStore(f"{loc} is not a pagecube store ({_first_line(exc)})") from None
 
 
 def reason_kind(reason: str) -> str:
@@ -88,7 +121,8 @@ class StoreStatus:
         if self.pages_per_s:
             eta = self.eta_s
             eta_txt = "-" if eta is None else f"{eta / 60:.1f} min"
-            out.append(f"rate     {self.pages_per_s:.1f} pages/s over the last chunks written; ETA {eta_txt}")
+            out.append(f"rate     {self.pages_per_s:.1f} pages/s between the last chunks written "
+                       f"(start-up not counted); ETA {eta_txt}")
         if self.last_write:
             ago = time.time() - self.last_write
             out.append(f"last     chunk written {ago:.0f}s ago")
@@ -109,7 +143,9 @@ def store_status(store, storage_options: dict | None = None, *, entries: dict | 
     (position, id) per reason.
     """
     loc = StoreLocation.of(store, storage_options)
+    require_store(loc)
     group = _group(loc)
+    _require_pagecube(loc, group)
     n_pages = int(group["status"].shape[0])
     chunk_pages = int(group.attrs["chunk_pages"])
     if entries is None:
@@ -186,6 +222,8 @@ def page_summaries(store, *, max_pages: int = 5, text_len: int = 80, compact: bo
                    page_id: str | None = None, storage_options: dict | None = None) -> list[str]:
     """The seed's page summaries: id, series, panels, embedding norm, panel text."""
     ds = open_store(store, storage_options)
+    if "status" not in ds or "chunk_pages" not in ds.attrs:
+        raise NotAStore(f"{store} is not a pagecube store (a Zarr group without pagecube's arrays and attributes)")
     status = ds["status"].values
     if page_id is not None:
         from .similar import find_page  # streams page_id chunk by chunk; also takes @N

@@ -23,7 +23,7 @@ import textwrap
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .inputs import PageRef, PageSource, join_path, parent
 from .manifest import PageError, build_page, load_image, parse_manifest, read_manifest_bytes
@@ -60,6 +60,33 @@ def _colour(value: float) -> tuple[int, int, int]:
         return int(r * 255), int(g * 255), int(b * 255)
     except ImportError:  # a plain blue -> yellow ramp
         return int(60 + 195 * value), int(40 + 190 * value), int(140 - 110 * value)
+
+
+def _detail(image: Image.Image) -> np.ndarray:
+    """Where the page is busy (edges: lettering, balloon outlines, line art), as a boolean mask."""
+    return np.asarray(image.convert("L").filter(ImageFilter.FIND_EDGES)) > 48
+
+
+def _label_spot(detail: np.ndarray, box, size, inset: int) -> tuple[int, int]:
+    """The inner corner of ``box`` where a label of ``size`` covers the least detail.
+
+    Text in a panel sits in balloons and captions, which are dense with edges; a
+    corner over flat art hides nothing that needs reading.  Ties go to the first
+    of top-left, top-right, bottom-right, bottom-left.
+    """
+    x, y, w, h = (int(round(v)) for v in box)
+    lw, lh = size
+    H, W = detail.shape
+    m = inset + 1
+    spots = [(x + m, y + m), (x + w - lw - m, y + m), (x + w - lw - m, y + h - lh - m), (x + m, y + h - lh - m)]
+    best, best_score = spots[0], None
+    for sx, sy in spots:
+        sx, sy = max(0, min(sx, W - lw)), max(0, min(sy, H - lh))
+        region = detail[sy:sy + lh, sx:sx + lw]
+        score = float(region.mean()) if region.size else 1.0
+        if best_score is None or score < best_score - 1e-3:
+            best, best_score = (sx, sy), score
+    return best
 
 
 def _font(size: int):
@@ -212,15 +239,19 @@ def render_page(store, page: str, out=None, *, image_root: str | None = None,
     font = _font(max(12, int(18 * scale)))
     line = max(2, int(4 * scale))
     pad = max(4, int(6 * scale))
+    detail = _detail(canvas)  # before any box is drawn: where the page has text and line art
     for box, text, colour in labels:
         x, y, w, h = (float(v) for v in box)
         if not np.isfinite([x, y, w, h]).all():
             continue
         draw.rectangle([x, y, x + w, y + h], outline=colour, width=line)
-        tb = draw.textbbox((x + line, y + line), text, font=font)
-        draw.rectangle([tb[0] - 2, tb[1] - 2, tb[2] + pad, tb[3] + 2], fill=colour)
+        tb = draw.textbbox((0, 0), text, font=font)
+        size = (tb[2] - tb[0] + 2 * pad, tb[3] - tb[1] + pad)
+        lx, ly = _label_spot(detail, (x, y, w, h), size, line)
+        draw.rectangle([lx, ly, lx + size[0], ly + size[1]], fill=colour)  # the box's colour: the attention scale
         light = sum(colour) > 450
-        draw.text((x + line, y + line), text, fill=(0, 0, 0) if light else (255, 255, 255), font=font)
+        draw.text((lx + pad - tb[0], ly + pad // 2 - tb[1]), text, fill=(0, 0, 0) if light else (255, 255, 255),
+                  font=font)
     if legend:
         small = _font(max(10, int(13 * scale)))
         tb = draw.textbbox((pad, H - pad), legend, font=small, anchor="ld")

@@ -34,7 +34,7 @@ def built_pair(sample200, tmp_path_factory):
                                threads_per_worker=1, model="models_for_tests:counting_tiny", progress=False)
     finally:
         del os.environ["PAGECUBE_TEST_LOADLOG"]
-    sync = pipeline.build(str(sample200), str(tmp / "sync.zarr"), cluster="sync", progress=False)
+    sync = pipeline.build(str(sample200), str(tmp / "sync.zarr"), cluster="sync", model="tiny", progress=False)
     return local, sync, loadlog
 
 
@@ -132,7 +132,7 @@ def _tree_digest(path: Path) -> str:
 @pytest.fixture(scope="module")
 def small_store(sample40, tmp_path_factory):
     store = tmp_path_factory.mktemp("small") / "s.zarr"
-    pipeline.build(str(sample40), str(store), cluster="sync", progress=False)
+    pipeline.build(str(sample40), str(store), cluster="sync", model="tiny", progress=False)
     return store
 
 
@@ -153,7 +153,7 @@ def test_mismatched_store_is_refused_and_untouched(small_store, sample40, tmp_pa
         pages = sample40.parent / "reordered.txt"
         pages.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
         args = []
-    proc = run_cli("build", pages, "--out", store, "--cluster", "sync", "--no-progress", *args)
+    proc = run_cli("build", pages, "--out", store, "--cluster", "sync", "--model", "tiny", "--no-progress", *args)
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr.strip().splitlines()
     assert len([ln for ln in err if ln.startswith("pagecube: error:")]) == 1 and why in proc.stderr

@@ -62,12 +62,14 @@ def test_embedding_map_mid_run_uses_finished_pages_only(tmp_path):
     (listing.parent / "images" / "page_00005.jpg").unlink()  # page 5 fails: its image is missing
     store = tmp_path / "cube.zarr"
     empty = tmp_path / "m0.png"
-    pipeline.build(str(first8), str(store), cluster="sync", chunk_pages=4, init_only=True, progress=False)
+    pipeline.build(str(first8), str(store), cluster="sync", chunk_pages=4, init_only=True, model="tiny",
+                   progress=False)
     out = _run([EXAMPLES / "embedding_map.py", store, "-o", empty], cwd=tmp_path)
     assert "0 of 8 pages" in out and Image.open(empty).size == (800, 600)
 
-    pipeline.build(str(first8), str(store), cluster="sync", chunk_pages=4, progress=False)
-    pipeline.build(str(listing), str(store), cluster="sync", init_only=True, progress=False)  # grown: 8..11 pending
+    pipeline.build(str(first8), str(store), cluster="sync", chunk_pages=4, model="tiny", progress=False)
+    pipeline.build(str(listing), str(store), cluster="sync", init_only=True, model="tiny",
+                   progress=False)  # grown: 8..11 pending
     # Pages 8..11 as a chunk looks between its data write and its status write (a build in the middle of
     # a chunk, or killed there): finite embeddings and a series of their own, status still 0.
     with warnings.catch_warnings():

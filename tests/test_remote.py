@@ -136,7 +136,7 @@ def reference(clusters, sample40, tmp_path_factory):
     """The same pages built on this machine (a LocalCluster)."""
     out = tmp_path_factory.mktemp("reference") / "local.zarr"
     res = pipeline.build(str(sample40), str(out), cluster="local", workers=1, threads_per_worker=1,
-                         chunk_pages=8, progress=False)
+                         chunk_pages=8, model="tiny", progress=False)
     assert res.exit_code == 0
     return out
 
@@ -155,7 +155,7 @@ def test_build_on_dask_scheduler_and_workers(tcp_cluster, reference, sample40, t
     tcp_cluster.wait_workers(2)
     out = tmp_path / "remote.zarr"
     proc = run_cli("build", sample40, "--out", out, "--cluster", tcp_cluster.address, "--chunk-pages", 8,
-                   "--preflight-timeout", 30, check=0)
+                   "--model", "tiny", "--preflight-timeout", 30, check=0)
     assert_same_store(reference, out)
     err = proc.stderr
     # the dashboard link and plain progress lines (not a terminal), the torch skew as a warning only
@@ -200,7 +200,7 @@ def test_build_on_dask_scheduler_and_workers(tcp_cluster, reference, sample40, t
 def test_device_cuda_without_gpu_workers_fails_fast(tcp_cluster, sample40, tmp_path):
     t0 = time.monotonic()
     proc = run_cli("build", sample40, "--out", tmp_path / "gpu.zarr", "--cluster", tcp_cluster.address,
-                   "--device", "cuda", "--preflight-timeout", 10, check=1)
+                   "--device", "cuda", "--model", "tiny", "--preflight-timeout", 10, check=1)
     assert time.monotonic() - t0 < 40
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("pagecube: error:") and "GPU" in lines[-1], proc.stderr
@@ -219,7 +219,8 @@ def test_local_cuda_without_gpu_fails_fast(sample40, tmp_path):
     # decided: no silent fall-back to CPU; a ClusterError is one line and exit 1 on the command line
     t0 = time.monotonic()
     with pytest.raises(ClusterError, match="device cuda requested but no CUDA GPU is visible"):
-        pipeline.build(str(sample40), str(tmp_path / "gpu.zarr"), cluster="local", device="cuda", progress=False)
+        pipeline.build(str(sample40), str(tmp_path / "gpu.zarr"), cluster="local", device="cuda", model="tiny",
+                       progress=False)
     assert time.monotonic() - t0 < 5
     assert not (tmp_path / "gpu.zarr").exists()
 
@@ -239,10 +240,11 @@ def test_preflight_failures_are_one_line_before_any_task(tcp_cluster, sample40, 
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(PreflightError, match="not writable from the workers"):
-        pipeline.build(str(sample40), str(blocker / "s.zarr"), cluster=addr, progress=False, preflight_timeout=20)
+        pipeline.build(str(sample40), str(blocker / "s.zarr"), cluster=addr, model="tiny", progress=False,
+                       preflight_timeout=20)
     # a store the workers write somewhere this process cannot see (each process has its own memory://)
     with pytest.raises(PreflightError, match="not shared with the workers"):
-        pipeline.build(str(sample40), "memory://pagecube-preflight/s.zarr", cluster=addr, progress=False,
+        pipeline.build(str(sample40), "memory://pagecube-preflight/s.zarr", cluster=addr, model="tiny", progress=False,
                        preflight_timeout=20)
 
 
@@ -253,7 +255,7 @@ def test_zarr_major_skew_is_an_error(tcp_cluster, sample40, tmp_path):
         from pipeline.preflight import PreflightError
 
         with pytest.raises(PreflightError, match=r"version skew .*zarr 2\.18\.3 on worker tcp://"):
-            pipeline.build(str(sample40), str(tmp_path / "skew.zarr"), cluster=tcp_cluster.address, progress=False,
+            pipeline.build(str(sample40), str(tmp_path / "skew.zarr"), cluster=tcp_cluster.address, model="tiny", progress=False,
                            preflight_timeout=20)
         assert not (tmp_path / "skew.zarr" / "zarr.json").exists()
     finally:
@@ -269,15 +271,15 @@ def test_tls_build_and_refusals(clusters, reference, sample40, tmp_path):
     assert c.address.startswith("tls://127.0.0.1:")
     out = tmp_path / "tls.zarr"
     run_cli("build", sample40, "--out", out, "--cluster", c.address, "--chunk-pages", 8, *tls,
-            "--preflight-timeout", 60, check=0)
+            "--model", "tiny", "--preflight-timeout", 60, check=0)
     assert_same_store(reference, out)
     # no certificates: refused with one clear line
     with pytest.raises(ClusterError, match="uses TLS but no certificates"):
-        pipeline.build(str(sample40), str(tmp_path / "x.zarr"), cluster=c.address, progress=False,
+        pipeline.build(str(sample40), str(tmp_path / "x.zarr"), cluster=c.address, model="tiny", progress=False,
                        preflight_timeout=3)
     # certificates from another authority: refused
     other = make_security(*write_temporary_certs(tmp_path / "other-certs"))
     with pytest.raises(ClusterError, match="cannot connect to scheduler"):
         pipeline.build(str(sample40), str(tmp_path / "y.zarr"), cluster=c.address, security=other,
-                       progress=False, preflight_timeout=3)
+                       model="tiny", progress=False, preflight_timeout=3)
     assert not (tmp_path / "x.zarr").exists() and not (tmp_path / "y.zarr").exists()

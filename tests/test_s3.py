@@ -219,7 +219,7 @@ def test_s3_storage_options_without_aws_environment(s3, tmp_path):
     store, root = "s3://cubes/b.zarr", "cubes/b.zarr"
     opts = json.dumps(s3.options)
     cmd = [*PAGECUBE, "build", "s3://pages/s/manifests/page_0000[0-7].json", "--out", store, "--cluster", "sync",
-           "--chunk-pages", "4", "--no-progress", "--storage-options", opts]
+           "--chunk-pages", "4", "--model", "tiny", "--no-progress", "--storage-options", opts]
     built = subprocess.run(cmd, env=s3.env, capture_output=True, text=True, timeout=120)
     assert built.returncode == 0, built.stderr[-3000:]
     assert "8 done, 0 failed" in built.stdout

@@ -1,6 +1,8 @@
 """``pagecube show``: the page picture for done, failed and pending pages."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,10 +18,11 @@ def built(tmp_path_factory):
     listing = make_sample(tmp / "pages", 8, seed=5)
     (tmp / "pages" / "images" / "page_00002.jpg").unlink()  # page 2 fails: image not found
     store = tmp / "cube.zarr"
-    result = pipeline.build(str(listing), str(store), cluster="sync", chunk_pages=4, progress=False)
+    result = pipeline.build(str(listing), str(store), cluster="sync", chunk_pages=4, model="tiny", progress=False)
     assert (result.done, result.failed) == (7, 1)
     pending = tmp / "pending.zarr"
-    pipeline.build(str(listing), str(pending), cluster="sync", chunk_pages=4, init_only=True, progress=False)
+    pipeline.build(str(listing), str(pending), cluster="sync", chunk_pages=4, init_only=True, model="tiny",
+                   progress=False)
     return tmp, store, pending
 
 
@@ -41,10 +44,36 @@ def test_show_done_page_draws_boxes_on_the_page(built, capsys):
         ym = (y0 + y1) // 2
         edge = drawn[ym - 5: ym + 5, x0: x0 + 2]  # the box outline on the left edge
         assert np.abs(edge - original[ym - 5: ym + 5, x0: x0 + 2]).max() > 40
-        label = drawn[y0 + 4: y0 + 12, x0 + 4: x0 + 30]  # the "#order a=..." label in the corner
-        assert np.abs(label - original[y0 + 4: y0 + 12, x0 + 4: x0 + 30]).mean() > 20
+        corners = [(slice(y0 + 6, y0 + 14), slice(x0 + 6, x0 + 30)), (slice(y0 + 6, y0 + 14), slice(x1 - 30, x1 - 6)),
+                   (slice(y1 - 14, y1 - 6), slice(x0 + 6, x0 + 30)), (slice(y1 - 14, y1 - 6), slice(x1 - 30, x1 - 6))]
+        # the "#order a=..." label sits in one inner corner of the box
+        assert max(np.abs(drawn[c] - original[c]).mean() for c in corners) > 20
         inner = (slice(ym - 3, ym + 3), slice((x0 + x1) // 2 - 3, (x0 + x1) // 2 + 3))
         assert np.abs(drawn[inner] - original[inner]).max() <= 3  # the page itself is left as it was
+
+
+def test_show_labels_hide_no_balloon_or_caption(built, tmp_path):
+    """Labels go to a corner without lettering: every balloon the sample drew is left as it was, and a panel
+    with a caption (drawn from its top-left corner) has its label elsewhere."""
+    tmp, store, _ = built
+    checked = 0
+    for k in (0, 1, 3, 4, 5, 6, 7):  # the done pages (page 2 failed)
+        out = tmp_path / f"b{k}.png"
+        assert main(["show", str(store), f"@{k}", "-o", str(out)]) == 0
+        manifest = json.loads((tmp / "pages" / "manifests" / f"page_{k:05d}.json").read_text())
+        original = np.asarray(Image.open(tmp / "pages" / "images" / f"page_{k:05d}.jpg").convert("RGB")).astype(int)
+        drawn = np.asarray(Image.open(out).convert("RGB")).astype(int)
+        for panel in manifest["panels"]:
+            x, y, w, h = panel["panel_coords"]
+            for bx, by, bw, bh in panel["balloon_coords"]:
+                inside = (slice(max(by, y + 12), min(by + bh, y + h - 12)), slice(max(bx, x + 12), min(bx + bw, x + w - 12)))
+                assert np.abs(drawn[inside] - original[inside]).max() <= 3, (k, panel["panel_id"])
+                checked += 1
+            if panel["text"]["narration"]:
+                caption = (slice(y + 8, y + 16), slice(x + 8, x + 40))
+                assert np.abs(drawn[caption] - original[caption]).max() <= 3, (k, panel["panel_id"])
+                checked += 1
+    assert checked > 10
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +91,7 @@ def graded(tmp_path_factory):
 def test_show_labels_and_colours_follow_attention(graded, tmp_path):
     """Read the picture: each box's outline is a viridis colour whose place on the scale follows the
     panel's attention (the most attended panel at the yellow end, the least at the dark end), and a
-    label in that colour, with text on it, sits in each box's corner."""
+    label in that colour, with text on it, sits in one of each box's inner corners."""
     from matplotlib import colormaps
 
     tmp, store = graded
@@ -86,6 +115,7 @@ def test_show_labels_and_colours_follow_attention(graded, tmp_path):
     places = []
     for x, y, w, h in boxes:
         x0, y0, ym = int(round(x)), int(round(y)), int(y + h / 2)
+        x1, y1 = int(round(x + w)), int(round(y + h))
         edge = drawn[ym - 5: ym + 5, x0 + 1]  # the middle of the box's left edge
         colour = np.median(edge, axis=0).astype(int)
         assert (np.abs(edge - colour).sum(axis=1) == 0).mean() > 0.8, edge  # one flat colour
@@ -93,15 +123,20 @@ def test_show_labels_and_colours_follow_attention(graded, tmp_path):
         assert dist.min() <= 6, (colour, "not a viridis colour")
         places.append(int(np.argmin(dist)) / 255)
 
-        # the label: a band of the box's colour in the top-left corner, with text in white or black on it
-        window = drawn[y0 + line: y0 + line + 40, x0 + line + 1: x0 + line + 41]
-        band = np.flatnonzero((np.abs(window - colour).sum(axis=2) <= 3).mean(axis=1) > 0.5)
-        assert len(band) and band[-1] - band[0] >= 12, "no label at the box"
-        ink = (255, 255, 255) if colour.sum() <= 450 else (0, 0, 0)
-        text = (np.abs(window[band[0]: band[-1] + 1] - ink).sum(axis=2) < 150).sum()
-        assert text >= 15, "a label without text"
-        corner = (slice(y0 + line, y0 + line + 40), slice(x0 + line + 1, x0 + line + 41))
-        assert np.abs(drawn[corner] - original[corner]).mean() > 20  # drawn over the page
+        # the label: a band of the box's colour in one inner corner, with text in white or black on it
+        labelled = 0
+        for ys in (slice(y0 + line, y0 + line + 40), slice(y1 - line - 40, y1 - line)):
+            for xs in (slice(x0 + line + 1, x0 + line + 41), slice(x1 - line - 41, x1 - line - 1)):
+                window = drawn[ys, xs]
+                band = np.flatnonzero((np.abs(window - colour).sum(axis=2) <= 3).mean(axis=1) > 0.5)
+                if not len(band) or band[-1] - band[0] < 12:
+                    continue
+                ink = (255, 255, 255) if colour.sum() <= 450 else (0, 0, 0)
+                text = (np.abs(window[band[0]: band[-1] + 1] - ink).sum(axis=2) < 150).sum()
+                assert text >= 15, "a label without text"
+                assert np.abs(window - original[ys, xs]).mean() > 20  # drawn over the page
+                labelled += 1
+        assert labelled >= 1, "no label at the box"
 
     places = np.array(places)
     hi, lo = int(np.argmax(att)), int(np.argmin(att))

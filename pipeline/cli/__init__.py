@@ -5,6 +5,7 @@ Exit codes: 0 all pages done; 3 the build finished but some pages failed;
 """
 from __future__ import annotations
 
+import re
 import sys
 
 import click
@@ -23,6 +24,20 @@ def _click(name: str) -> tuple:
     return tuple({getattr(m, name) for m in mods if m is not None and hasattr(m, name)})
 
 
+def _expanded_glob(exc) -> str | None:
+    """One line for the usual cause of many extra arguments: a glob the shell expanded (it was not quoted)."""
+    msg = getattr(exc, "message", "") or ""
+    found = re.fullmatch(r"Got unexpected extra arguments?(?:\(s\))? \((.*)\)", msg.strip(), re.S)
+    if found is None:
+        return None
+    extra = found.group(1).split()
+    if len(extra) < 2:
+        return None
+    cmd = exc.ctx.info_name if getattr(exc, "ctx", None) is not None else "pagecube"
+    return (f"{cmd} got {len(extra) + 1} paths where it takes one: the shell expanded a glob; quote it so "
+            "that pagecube expands it, e.g. 'manifests/*.json'")
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..errors import BadArgument
 
@@ -36,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:
         return 130
+    except _click("UsageError") as exc:
+        glob = _expanded_glob(exc)
+        if glob is None:
+            exc.show()
+        else:
+            print(f"pagecube: error: {glob}", file=sys.stderr)
+        return 2
     except _click("ClickException") as exc:
         exc.show()
         return 2

