@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                 out = wd.fresh(f"page-cost-{mode}.zarr")
                 t, c = time.perf_counter(), _own_cpu()
                 res = build(str(pages), str(out), cluster=address, device="cpu", progress=False, chunk_pages=64,
-                            overwrite=True)
+                            model="tiny", overwrite=True)
                 assert res.done == n, res
                 wall, own = time.perf_counter() - t, _own_cpu() - c
                 note(f"{mode:>4}: {res.pages_per_s:6.1f} pages/s ({wall:.1f} s; client+scheduler CPU "

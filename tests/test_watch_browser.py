@@ -196,7 +196,7 @@ def failed_store(tmp_path_factory):
     for i in (9, 10):
         (listing.parent / f"manifests/page_{i:05d}.json").write_text("{not json")
     out = base / "cube.zarr"
-    res = pipeline.build(str(listing), str(out), cluster="sync", chunk_pages=8, progress=False)
+    res = pipeline.build(str(listing), str(out), cluster="sync", chunk_pages=8, model="tiny", progress=False)
     assert (res.done, res.failed) == (20, 4)
     return out
 
