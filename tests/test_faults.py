@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,7 +124,8 @@ def test_worker_sigkill_and_a_page_that_kills_every_worker(tmp_path):
     assert (got["status"][others] == 1).all(), (set(got["error"][others]), err[-4000:])
     assert (got["status"][killer_chunk] == 2).all()
     for reason in got["error"][killer_chunk]:
-        assert "worker processes died 3 times while running pages [40, 48)" in reason, reason
+        # 3 crashes; 4 deaths when the test's own SIGKILL also hit a worker running this chunk
+        assert re.search(r"worker processes died [34] times while running pages \[40, 48\)", reason), reason
     for name in VARS:
         if name in ("written_at", "status", "error"):
             continue
