@@ -22,6 +22,7 @@ import re
 import textwrap
 from dataclasses import dataclass
 
+import dask
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
@@ -191,6 +192,14 @@ def render_page(store, page: str, out=None, *, image_root: str | None = None,
     Returns the picture (the page's own size) and what was drawn; writes it to
     ``out`` (a path or file object, PNG) when given.
     """
+    # Read in this thread: in a process that also holds a Dask client (the build's own, serving the
+    # /pagecube page's thumbnails) dask would otherwise send these small reads to the build's workers.
+    with dask.config.set(scheduler="synchronous"):
+        return _render_page(store, page, out, image_root, storage_options)
+
+
+def _render_page(store, page: str, out, image_root: str | None,
+                 storage_options: dict | None) -> tuple[Image.Image, ShownPage]:
     ds = open_store(store, storage_options)
     index = _find_page(ds, page, storage_options)
     p = ds.isel(page=index).load()
