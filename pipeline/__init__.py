@@ -3,7 +3,13 @@
 The public API is small: :func:`build` a store, :func:`open_pages` to read it
 (mid-run too), :func:`store_status` to watch it, and the model protocol for
 bringing your own model.
+
+Names are imported on first use: ``import pipeline`` (and so ``pagecube
+--version``, ``pagecube status``, a worker importing a model) does not pull in
+xarray, Dask or torch.
 """
+import sys as _sys
+import types as _types
 from importlib.metadata import PackageNotFoundError, version as _version
 
 try:
@@ -11,10 +17,39 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from .build import BuildResult, build  # noqa: E402
-from .errors import BadArgument, BuildError  # noqa: E402
-from .model.protocol import ModelInfo, PageModel  # noqa: E402
-from .readers import open_pages, open_store, store_status  # noqa: E402
+_LAZY = {
+    "build": ".build", "BuildResult": ".build",
+    "BadArgument": ".errors", "BuildError": ".errors",
+    "ModelInfo": ".model.protocol", "PageModel": ".model.protocol",
+    "open_pages": ".readers", "open_store": ".readers", "store_status": ".readers",
+}
 
 __all__ = ["__version__", "build", "BuildResult", "BadArgument", "BuildError", "open_pages", "open_store",
            "store_status", "ModelInfo", "PageModel"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(_types.ModuleType):
+    """``pipeline.build`` stays the function: importing the submodule ``pipeline.build`` would
+    otherwise rebind the package attribute to the module (the eager import used to undo that)."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

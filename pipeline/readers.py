@@ -12,7 +12,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-import xarray as xr
 import zarr
 
 from .errors import NotAStore
@@ -47,7 +46,9 @@ def _require_pagecube(loc: StoreLocation, group: zarr.Group) -> None:
         raise NotAStore(f"{loc} is not a pagecube store (a Zarr group without pagecube's arrays and attributes)")
 
 
-def open_store(store, storage_options: dict | None = None) -> xr.Dataset:
+def open_store(store, storage_options: dict | None = None) -> "xr.Dataset":
+    import xarray as xr  # here, not at the top: ``pagecube status`` reads the store without it
+
     loc = StoreLocation.of(store, storage_options)
     require_store(loc)
     try:
@@ -62,7 +63,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def open_pages(store, done_only: bool = True, storage_options: dict | None = None) -> xr.Dataset:
+def open_pages(store, done_only: bool = True, storage_options: dict | None = None) -> "xr.Dataset":
     """The store as a Dataset; with ``done_only`` only pages whose ``status == 1``."""
     ds = open_store(store, storage_options)
     if not done_only:
