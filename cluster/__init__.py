@@ -3,13 +3,32 @@
 This package knows nothing about comics and never imports ``pipeline``.
 """
 
-from .metrics import EventCounterPlugin, event_counts, install_event_counters
-from .preflight import check_workers, skew_errors, skew_lines, version_table, versions_skew
-from .resident import (ResidentMissing, ResidentPlugin, get_resident, install_resident, resident_map,
-                       resident_status)
-from .specs import kubernetes_cluster_spec, slurm_job_script
-from .targets import ClusterError, ClusterHandle, open_cluster
-from .tls import make_security
+import importlib as _importlib
+
+# Imported on first use: ``cluster.forkserver`` must start before distributed is imported here.
+_LAZY = {
+    "EventCounterPlugin": ".metrics", "event_counts": ".metrics", "install_event_counters": ".metrics",
+    "check_workers": ".preflight", "skew_errors": ".preflight", "skew_lines": ".preflight",
+    "version_table": ".preflight", "versions_skew": ".preflight",
+    "ResidentMissing": ".resident", "ResidentPlugin": ".resident", "get_resident": ".resident",
+    "install_resident": ".resident", "resident_map": ".resident", "resident_status": ".resident",
+    "kubernetes_cluster_spec": ".specs", "slurm_job_script": ".specs",
+    "ClusterError": ".targets", "ClusterHandle": ".targets", "open_cluster": ".targets",
+    "make_security": ".tls",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "ClusterError",

@@ -17,7 +17,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import dask
 
@@ -61,6 +61,10 @@ def gpu_ids() -> list[str]:
     When ``CUDA_VISIBLE_DEVICES`` is set its entries (indices, UUIDs or MIG ids)
     are used as given, so worker i sees exactly the i-th device the user allowed.
     """
+    from .forkserver import torch_cuda_build
+
+    if torch_cuda_build() is False:
+        return []  # CPU-only build (or no torch), known without importing torch (1.5 s on a client)
     try:
         import torch
     except ImportError:
@@ -135,12 +139,15 @@ def open_cluster(
     dashboard_address: str | None = "127.0.0.1:0",
     security=None,
     timeout: float = 60,
+    preload_modules: Sequence[str] = (),
 ) -> Iterator[ClusterHandle]:
     """Yield a ``ClusterHandle`` for ``target``; close client and cluster on exit.
 
     ``device``: "cpu" never asks for GPUs; "cuda" requires them (error if
     none); "auto" uses GPUs where there are some. Invalid targets raise
-    ``ValueError`` with the list of valid ones.
+    ``ValueError`` with the list of valid ones. ``preload_modules``: for a
+    local CPU cluster, workers are forked from a server that imported these
+    (see ``cluster.forkserver``; ``start_forkserver`` may start it earlier).
     """
     _check_device(device)
     if not isinstance(target, (str, os.PathLike)):
@@ -151,7 +158,8 @@ def open_cluster(
             yield ClusterHandle(client=None, kind="sync", n_workers=0, gpu=False)
         return
     if target == "local":
-        with _open_local(workers, threads_per_worker, device, dashboard_address, security, timeout) as h:
+        with _open_local(workers, threads_per_worker, device, dashboard_address, security, timeout,
+                         preload_modules) as h:
             yield h
         return
     if target.startswith(("tcp://", "tls://")):
@@ -203,10 +211,31 @@ def gpu_spec_cluster(ids, threads_per_worker=1, dashboard_address="127.0.0.1:0",
     return SpecCluster(workers=worker_specs, scheduler=scheduler, security=security, silence_logs=logging.WARNING)
 
 
-@contextlib.contextmanager
-def _open_local(workers, threads_per_worker, device, dashboard_address, security, timeout):
-    from distributed import Client, LocalCluster
+def _pre_spawn_env() -> dict[str, str]:
+    """What a Nanny sets before spawning a worker (Dask's own rule: the environment wins)."""
+    cfg = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    return {k: os.environ.get(k, str(v)) for k, v in cfg.items() if v is not None}
 
+
+@contextlib.contextmanager
+def _worker_start(preload_modules):
+    """Config and Nanny ``env`` that fork local CPU workers from the preloaded forkserver, held for
+    the cluster's life (a Nanny reads the start method again when it restarts a killed worker)."""
+    env = None
+    if preload_modules:
+        from .forkserver import forkserver_worker_env, start_forkserver
+
+        if start_forkserver(preload_modules):
+            env = forkserver_worker_env(_pre_spawn_env())
+    if env is None:
+        yield {}
+        return
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        yield {"env": env, "preload": ["cluster.forkserver"]}
+
+
+@contextlib.contextmanager
+def _open_local(workers, threads_per_worker, device, dashboard_address, security, timeout, preload_modules=()):
     ids = gpu_ids() if device != "cpu" else []
     if device == "cuda" and not ids:
         # decided: no silent fall-back to CPU when CUDA was asked for explicitly
@@ -216,38 +245,50 @@ def _open_local(workers, threads_per_worker, device, dashboard_address, security
     if os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536":
         del os.environ["MALLOC_TRIM_THRESHOLD_"]
     protocol = "tls://" if security is not None and getattr(security, "require_encryption", False) else "tcp://"
-    with dask.config.set(NO_MALLOC_TRIM):
-        if ids:
-            if workers is not None:
-                ids = ids[: max(1, workers)]
-            cluster = gpu_spec_cluster(ids, threads_per_worker or 1, dashboard_address, security)
-            gpu = True
-        else:
-            cores = _cpu_count()
-            if workers is None and threads_per_worker is None:
-                workers, threads_per_worker = cores, 1
-            elif workers is None:
-                workers = max(1, cores // threads_per_worker)
-            elif threads_per_worker is None:
-                threads_per_worker = max(1, cores // workers)
-            if workers * threads_per_worker > cores:
-                warnings.warn(
-                    f"{workers} workers x {threads_per_worker} threads exceed {cores} cores; "
-                    "torch runs slower when oversubscribed",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            cluster = LocalCluster(
-                n_workers=workers,
-                threads_per_worker=threads_per_worker,
-                processes=True,
-                host="127.0.0.1",
-                protocol=protocol,
-                dashboard_address=dashboard_address,
-                security=security,
-                silence_logs=logging.WARNING,
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dask.config.set(NO_MALLOC_TRIM))
+        start = stack.enter_context(_worker_start(preload_modules if not ids else ()))
+        with _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, security, timeout,
+                                 protocol, start) as handle:
+            yield handle
+
+
+@contextlib.contextmanager
+def _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, security, timeout, protocol, start):
+    from distributed import Client, LocalCluster
+
+    if ids:
+        if workers is not None:
+            ids = ids[: max(1, workers)]
+        cluster = gpu_spec_cluster(ids, threads_per_worker or 1, dashboard_address, security)
+        gpu = True
+    else:
+        cores = _cpu_count()
+        if workers is None and threads_per_worker is None:
+            workers, threads_per_worker = cores, 1
+        elif workers is None:
+            workers = max(1, cores // threads_per_worker)
+        elif threads_per_worker is None:
+            threads_per_worker = max(1, cores // workers)
+        if workers * threads_per_worker > cores:
+            warnings.warn(
+                f"{workers} workers x {threads_per_worker} threads exceed {cores} cores; "
+                "torch runs slower when oversubscribed",
+                RuntimeWarning,
+                stacklevel=6,
             )
-            gpu = False
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            protocol=protocol,
+            dashboard_address=dashboard_address,
+            security=security,
+            silence_logs=logging.WARNING,
+            **start,
+        )
+        gpu = False
     try:
         client = Client(cluster, security=security, timeout=timeout)
         try:

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import dask
 
 from . import __version__
 from .errors import BadArgument, BuildError
 from .inputs import InputError, PageSource
-from .model.registry import BUILTIN, UNTRAINED_NOTICE, ModelNotFound, default_model, resolve_factory
+from .model.protocol import info_dict as _info_of
+from .model.registry import BUILTIN, UNTRAINED_NOTICE, ModelNotFound, check_model, default_model, resolve_factory
 from .plan import default_chunk_pages, plan_build
 from .progress import Progress
+from .startup import SPAWN_FLAG, spawn_flag_path, start_workers_early, worker_modules
 from .store import index as chunk_index
 from .store.debris import clean_debris
 from .store.grow import grow_store
@@ -79,10 +80,6 @@ def _resolve_device(device: str, handle) -> str:
     if device != "auto":
         return device
     return "cuda" if handle.gpu else "cpu"
-
-
-def _info_of(model) -> dict:
-    return asdict(model.info)
 
 
 def _model_info(client, resident: str, factory: str, kwargs: dict) -> dict:
@@ -154,8 +151,10 @@ def build(
     if defaulted:  # a checkpoint is for a trainable model: tiny's
         model = "tiny" if checkpoint is not None else default_model()
     fallback = defaulted and checkpoint is None and model == "tiny"  # pretrained is not installed here
+    start_workers_early(cluster, device, model)  # the workers' imports run while this process reads inputs
     try:
-        resolve_factory(model)
+        # in process the model is imported here anyway; for workers, a check that does not import torch
+        resolve_factory(model) if cluster == "sync" else check_model(model)
     except ModelNotFound as exc:
         raise BadArgument(str(exc)) from None
     try:
@@ -206,7 +205,7 @@ def build(
                           "distributed.scheduler.worker-saturation": WORKER_SATURATION}), \
             _QuietClose(open_cluster(cluster, workers=workers, threads_per_worker=threads_per_worker, device=device,
                                      dashboard_address=dashboard_address, security=security,
-                                     timeout=preflight_timeout), flag) as handle:
+                                     timeout=preflight_timeout, preload_modules=worker_modules(model)), flag) as handle:
         dev = _resolve_device(device, handle)
         model_kwargs["device"] = dev
         if handle.dashboard_link:
@@ -343,7 +342,6 @@ class _QuietClose:
 
 BOOTSTRAPPING = ("pipeline.build was called while a worker process was starting and re-importing your script: "
                  "put the call under `if __name__ == \"__main__\":`")
-SPAWN_FLAG = "PAGECUBE_SPAWN_FLAG"  # a file a worker process of ours writes when it re-ran pipeline.build
 
 
 def _refuse_while_bootstrapping() -> None:
@@ -365,14 +363,13 @@ def _refuse_while_bootstrapping() -> None:
 @contextlib.contextmanager
 def _spawn_flag():
     """The flag file of :func:`_refuse_while_bootstrapping`, named to worker processes spawned here."""
-    fd, flag = tempfile.mkstemp(prefix="pagecube-spawn-")
-    os.close(fd)
+    flag = spawn_flag_path()  # the same for every build of this process: a forkserver's workers start with it
+    open(flag, "w").close()  # empty: what an earlier build's workers wrote is not this one's
     try:
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{SPAWN_FLAG}": flag}):
             yield flag
     finally:
         os.environ.pop(SPAWN_FLAG, None)  # the nanny exported it here; later processes must not see it
-        os.unlink(flag)
 
 
 def _refuse_foreign_folder(loc: StoreLocation, out) -> None:

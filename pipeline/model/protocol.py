@@ -53,3 +53,10 @@ class PageModel(Protocol):
 
     def forward(self, batch: Any) -> dict[str, np.ndarray]:
         """Run the batch; return OUTPUT_SPECS arrays as numpy (float32 / int)."""
+
+
+def info_dict(model) -> dict:
+    """``model.info`` as a plain dict (what a worker sends back; importing this module is cheap there)."""
+    from dataclasses import asdict
+
+    return asdict(model.info)

