@@ -373,3 +373,53 @@ def chunk_files(path: Path) -> int:
             continue
         n += sum(1 for f in files if f not in ("zarr.json", ".zgroup", ".zattrs", ".zarray", ".zmetadata"))
     return n
+
+
+# --- whole commands, timed from outside like a person at a terminal ------------------------------
+
+def cli_command(args: list, tree: str | None = None) -> tuple[list[str], dict, str]:
+    """argv, environment and working folder that run ``pagecube ARGS`` from ``tree`` (default: this
+    checkout; another checkout gives a side-by-side "before")."""
+    root = str(Path(tree).resolve()) if tree else str(ROOT)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return [sys.executable, "-m", "pipeline.cli", *map(str, args)], env, root
+
+
+def timed_command(argv: list, env: dict | None = None, cwd: str | None = None, check: bool = True,
+                  watch=None) -> dict:
+    """Wall seconds of one command, its output, its own and its children's CPU seconds, and
+    ``watch(elapsed)`` called about every 20 ms while it runs (e.g. to spot the first chunk)."""
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=err)
+        while proc.poll() is None:
+            if watch is not None:
+                watch(time.perf_counter() - t0)
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv[:6]))} ... exited {proc.returncode}: "
+                           f"{(stderr.strip().splitlines() or ['?'])[-1]}")
+    return {"wall": wall, "cpu": cpu, "stdout": stdout, "stderr": stderr, "rc": proc.returncode}
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """'median (min-max)' of a few repeats."""
+    v = sorted(values)
+    med = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+    return f"{fmt.format(med)} ({fmt.format(v[0])}-{fmt.format(v[-1])})"
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
