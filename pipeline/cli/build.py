@@ -44,7 +44,7 @@ def build(
     """Build the embedding store for PAGES into --out; resumes by default."""
     from ..startup import start_workers_early
 
-    start_workers_early(cluster, device, model)  # first: workers import torch while this process imports the rest
+    start_workers_early(cluster, device, model or ("tiny" if checkpoint else None))  # first: workers import torch meanwhile
     from ..build import BadArgument, build as run_build
     from ..store.location import parse_storage_options
 
