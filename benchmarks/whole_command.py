@@ -126,7 +126,7 @@ def whole(wd: Workdir, listing, n: int, repeats: int, before, js) -> None:
             rows[label].append({"pc": pc, "plain": plain})
             note(f"run {r + 1} [{label}]: plain {plain['wall']:.1f} s ({plain['steady']:.0f} pages/s steady), "
                  f"pagecube {pc['wall']:.1f} s ({pc['steady']:.0f} pages/s run phase, first chunk at "
-                 f"{pc['first_chunk']:.1f} s); CPU s plain {plain['cpu']:.0f}, pagecube {pc['cpu']:.0f}")
+                 f"{pc['first_chunk']:.1f} s)")
     for label, _ in trees:
         whole_r = [x["plain"]["wall"] / x["pc"]["wall"] for x in rows[label]]
         steady_r = [x["pc"]["steady"] / x["plain"]["steady"] for x in rows[label]]
