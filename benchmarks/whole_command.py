@@ -68,7 +68,7 @@ def pagecube_build(wd: Workdir, listing, name: str, tree=None, init_only=False, 
     argv, env, cwd = cli_command(args, tree)
     watch, seen = first_chunk_watch(store)
     res = timed_command(argv, env, cwd, watch=None if init_only else watch)
-    m = re.search(r"\(([\d.]+) pages/s this run\)", res["stdout"])
+    m = re.search(r"\(([\d.]+) pages/s (?:this run|over this run)", res["stdout"])
     res["steady"] = float(m.group(1)) if m else float("nan")
     res["first_chunk"] = seen.get("first", float("nan"))
     shutil.rmtree(store, ignore_errors=True)
