@@ -226,10 +226,11 @@ class WriterLock:
             try:
                 self._tag = conditional.replace(self.loc, self.path, self._data(), self._tag)
             except conditional.Conflict:
-                current = read_lock(self.loc)
-                if current is not None and current.run_id == self.info.run_id:
-                    continue  # our own lock under another tag (a store without compare-and-swap)
-                self.lost = current.describe() if current is not None else "nobody (the lock was removed)"
+                seen = _read(self.loc)
+                if seen is not None and seen[0].run_id == self.info.run_id:
+                    self._tag = seen[1]  # our own lock under another tag (a store without compare-and-swap)
+                    continue
+                self.lost = seen[0].describe() if seen is not None else "nobody (the lock was removed)"
                 return  # taken over: stop touching it
             except Exception:  # noqa: BLE001 - a network hiccup: try again at the next beat
                 pass
