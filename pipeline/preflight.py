@@ -120,8 +120,9 @@ def _check_local_store(client, loc: StoreLocation) -> None:
         os.unlink(os.path.join(folder, name))
     for worker, why in seen.items():
         if why is not None:
-            raise PreflightError(f"store {loc} is not reachable from the workers: worker {worker} ({_one_line(why)}); use a "
-                                 "path every machine sees (a shared filesystem) or an object store URL (s3://...)")
+            raise PreflightError(f"store {loc} is not reachable from the workers: worker {worker} "
+                                 f"({_one_line(why)}); use a path every machine sees (a shared filesystem) "
+                                 "or an object store URL (s3://...)")
 
 
 def _read_first_page(first, image_root: str | None, max_panels: int) -> str | None:
@@ -147,8 +148,8 @@ def check_pages(handle, source, image_root: str | None, max_panels: int) -> None
     for worker, why in seen.items():
         if why is not None:
             raise PreflightError(f"the workers cannot read the pages: worker {worker} could not read the first "
-                                 f"page: {_one_line(why)}; put pages and images where every machine sees them (a shared "
-                                 "filesystem or an object store)")
+                                 f"page: {_one_line(why)}; put pages and images where every machine sees them "
+                                 "(a shared filesystem or an object store)")
 
 
 def _one_line(why) -> str:

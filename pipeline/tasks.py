@@ -32,7 +32,7 @@ from .manifest import PageError, read_page
 from .store.index import ChunkEntry, write_entry
 from .store.location import StoreLocation
 from .store.lock import fence
-from .store.schema import DATA_VARS, MODEL_VARS, STATUS_DONE, STATUS_FAILED, empty_region
+from .store.schema import MODEL_VARS, STATUS_DONE, STATUS_FAILED, empty_region
 from .store.writer import open_store_group, read_region, region_counts, verify_region, write_region
 from .types import ChunkTask, JobSpec, Receipt
 
@@ -326,13 +326,14 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
 
     now = np.datetime64(_dt.datetime.now(_dt.timezone.utc).replace(tzinfo=None), "ms").astype(np.int64)
     region["written_at"][~keep] = now
+
     def before_completion() -> None:
         """Between the data and ``status``: the lease is still ours, and (``--verify``) the data read back
         the same; else raise, and no page of the range is marked done (a retry, then the failure policy)."""
         fence(loc, job.run_id)
         if job.verify:
             with _phase(seconds, "verify"):
-                bad = verify_region(group, region, start, stop, DATA_VARS)
+                bad = verify_region(group, region, start, stop)
             if bad:
                 raise RuntimeError(f"verify: pages [{start}, {stop}) read back different {', '.join(bad)}")
 
@@ -345,7 +346,7 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
             done, failed = region_counts(current)
             logger.warning("pagecube: pages [%d, %d) were finished by another task meanwhile; "
                            "this task's duplicate write is dropped", start, stop)
-            return Receipt(start, stop, done, failed, skipped=True, worker=_worker_name(), duplicate=True)
+            return Receipt(start, stop, done, failed, skipped=True, worker=_worker_name())
         write_region(group, region, start, stop, job.chunk_pages, before_completion=before_completion)
     _index(loc, before, region["status"], task, job.chunk_pages)
     done, failed = region_counts(region["status"])

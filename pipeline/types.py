@@ -72,4 +72,3 @@ class Receipt:
     worker: str = ""
     device: str = ""
     reasons: tuple[str, ...] = ()  # first few failure reasons
-    duplicate: bool = False  # another task finished the range first; this one wrote nothing
