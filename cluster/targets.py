@@ -23,6 +23,7 @@ import dask
 
 from .specs import OWN_KEYS as OWN_SPEC_KEYS  # noqa: I001
 from .specs import JOBQUEUE_KINDS, KUBE_SPEC_KEYS, jobqueue_kwargs, kubernetes_cluster_spec, load_spec
+from .timers import local_timers
 
 __all__ = ["ClusterError", "ClusterHandle", "gpu_ids", "open_cluster", "VALID_TARGETS"]
 
@@ -246,7 +247,7 @@ def _open_local(workers, threads_per_worker, device, dashboard_address, security
         del os.environ["MALLOC_TRIM_THRESHOLD_"]
     protocol = "tls://" if security is not None and getattr(security, "require_encryption", False) else "tcp://"
     with contextlib.ExitStack() as stack:
-        stack.enter_context(dask.config.set(NO_MALLOC_TRIM))
+        stack.enter_context(dask.config.set({**NO_MALLOC_TRIM, **local_timers()}))
         start = stack.enter_context(_worker_start(preload_modules if not ids else ()))
         with _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, security, timeout,
                                  protocol, start) as handle:

@@ -220,20 +220,27 @@ def _keep_done(group, region: dict, keep: np.ndarray, start: int, stop: int) -> 
         arr[keep] = stored[keep]
 
 
-def _output_problem(out: dict, region: dict, i: int) -> str | None:
-    """Why one page's model outputs cannot be stored (a page is never done with NaN, inf or wrong shapes)."""
+def _output_problems(outs: dict, region: dict, n: int) -> dict[int, str]:
+    """Why pages of a batch cannot be stored, by position in the batch (a page is never done with NaN,
+    inf or wrong shapes).  Checked on whole batch arrays: per page it cost 0.1 ms, 1% of a tiny page."""
+    bad: dict[int, str] = {}
     for name in MODEL_VARS:
-        if name not in out:
-            return f"model returned no {name!r}"
-        value = np.asarray(out[name])
+        if name not in outs:
+            return {j: bad.get(j, f"model returned no {name!r}") for j in range(n)}
+        value = np.asarray(outs[name])
         target = region[name]
-        if value.shape != target.shape[1:]:
-            return f"model returned {name} of shape {value.shape}, expected {target.shape[1:]}"
-        if value.dtype.kind == "f" and not np.isfinite(value).all():
-            return f"model returned non-finite {name}"
-        if target.dtype.kind == "f" and np.abs(value).max(initial=0) > np.finfo(target.dtype).max:
-            return f"{name} overflows the store's {target.dtype} (use --embedding-dtype float32)"
-    return None
+        if value.shape[1:] != target.shape[1:] or value.shape[:1] != (n,):
+            shape = value.shape[1:] if value.shape[:1] == (n,) else value.shape
+            return {j: bad.get(j, f"model returned {name} of shape {shape}, expected {target.shape[1:]}")
+                    for j in range(n)}
+        flat = value.reshape(n, -1)
+        if value.dtype.kind == "f":
+            for j in np.flatnonzero(~np.isfinite(flat).all(axis=1)):
+                bad.setdefault(int(j), f"model returned non-finite {name}")
+        if target.dtype.kind == "f" and flat.size:
+            for j in np.flatnonzero(np.abs(flat).max(axis=1) > np.finfo(target.dtype).max):
+                bad.setdefault(int(j), f"{name} overflows the store's {target.dtype} (use --embedding-dtype float32)")
+    return bad
 
 
 def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
@@ -282,7 +289,6 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
         with _phase(seconds, "inference"):
             try:
                 outs = _forward(model, [p for _, _, p in items])
-                results = [(i, page, {k: v[j] for k, v in outs.items()}) for j, (i, page, _) in enumerate(items)]
             except Exception:
                 if len(items) == 1:
                     i, page, _ = items[0]
@@ -294,16 +300,19 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
                 for item in items:  # isolate the page that breaks the batch
                     run_batch([item])
                 return
-        for i, page, out in results:
-            problem = _output_problem(out, region, i)
-            if problem:
+        problems = _output_problems(outs, region, len(items))
+        good = [j for j in range(len(items)) if j not in problems]
+        for j, (i, page, _) in enumerate(items):
+            if j in problems:
                 _fill_meta(region, i, page)
-                fail(i, problem)
-                continue
-            _fill_page(region, i, page)
+                fail(i, problems[j])
+            else:
+                _fill_page(region, i, page)
+        if good:
+            rows = np.array([items[j][0] for j in good])
             for name in MODEL_VARS:
-                region[name][i] = out[name]
-            region["status"][i] = STATUS_DONE
+                region[name][rows] = np.asarray(outs[name])[good]
+            region["status"][rows] = STATUS_DONE
 
     pending: list[tuple[int, object, object]] = []
     # Dask meter "read": this block minus the "inference" metered inside it (nested meters subtract)

@@ -89,6 +89,32 @@ def test_local_workers_have_no_malloc_trim(local2):
     assert envs and all(e["MALLOC_TRIM_THRESHOLD_"] is None for e in envs.values()), envs
 
 
+def dask_timers(dask_worker=None):
+    import dask
+
+    from cluster.timers import LOCAL_TIMERS
+
+    return {key: dask.config.get(key) for key in LOCAL_TIMERS}
+
+
+def test_local_cluster_slows_dask_timers_and_keeps_the_users_own():
+    """Workers and scheduler of a local cluster run Dask's housekeeping at pagecube's step; a value the
+    user configured is kept."""
+    import dask
+
+    from cluster.timers import LOCAL_TIMERS, local_timers
+
+    ours = {key: value for key, (_, value) in LOCAL_TIMERS.items()}
+    with dask.config.set({"distributed.worker.profile.interval": "30ms"}):
+        assert "distributed.worker.profile.interval" not in local_timers()
+        with open_cluster("local", workers=1, threads_per_worker=1, timeout=30) as h:
+            on_workers = h.client.run(dask_timers)
+            on_scheduler = h.client.run_on_scheduler(dask_timers)
+    want = {**ours, "distributed.worker.profile.interval": "30ms"}
+    assert list(on_workers.values()) == [want], on_workers
+    assert on_scheduler["distributed.admin.tick.interval"] == "200ms", on_scheduler
+
+
 def test_failing_factory_reports_error_text(local2):
     with pytest.raises(ResidentMissing, match="checkpoint weights.safetensors is corrupt"):
         install_resident(local2.client, "resident_factory:broken", {"k": 1})
