@@ -87,11 +87,13 @@ def _io_threads(handle, device: str) -> int:
     GPU cluster (one worker per GPU, the model on the GPU) the cores each worker has to itself, since
     reading and preparing pages is then all the CPU does and 4 threads starve a fast GPU."""
     default = JobSpec.io_threads
-    if device != "cuda" or handle.kind != "local" or handle.n_workers < 1:
+    spec = getattr(handle.cluster, "worker_spec", None)  # the workers started, joined or not yet
+    n_workers = len(spec) if spec else handle.n_workers
+    if device != "cuda" or handle.kind != "local" or n_workers < 1:
         return default
     from dask.system import CPU_COUNT
 
-    return max(default, int(CPU_COUNT) // handle.n_workers)
+    return max(default, int(CPU_COUNT) // n_workers)
 
 
 def _model_info(client, resident: str, factory: str, kwargs: dict) -> dict:

@@ -243,7 +243,9 @@ def test_io_threads_follow_the_cores_of_local_gpu_workers(monkeypatch):
     from pipeline.build import _io_threads
 
     monkeypatch.setattr(dask.system, "CPU_COUNT", 16)
-    assert _io_threads(SimpleNamespace(kind="local", n_workers=1), "cuda") == 16
-    assert _io_threads(SimpleNamespace(kind="local", n_workers=8), "cuda") == 4
-    assert _io_threads(SimpleNamespace(kind="local", n_workers=2), "cpu") == 4
-    assert _io_threads(SimpleNamespace(kind="remote", n_workers=1), "cuda") == 4
+    one_gpu = SimpleNamespace(worker_spec={"gpu-0": {}})
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=1, cluster=one_gpu), "cuda") == 16
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=0, cluster=one_gpu), "cuda") == 16  # not joined yet
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=8, cluster=None), "cuda") == 4
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=2, cluster=None), "cpu") == 4
+    assert _io_threads(SimpleNamespace(kind="remote", n_workers=1, cluster=None), "cuda") == 4
