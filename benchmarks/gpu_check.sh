@@ -23,6 +23,7 @@
 # 8 pages in chunks of 4, a stand-in sampler that answers "[N/A]" as nvidia-smi does
 # where it cannot read a figure; the same report, GPU figures marked not measured.
 set -euo pipefail
+export LC_ALL=C  # "." in $EPOCHREALTIME
 
 REHEARSE=${GPU_CHECK_REHEARSE:-0}
 if [ "${1:-}" = "--rehearse" ]; then REHEARSE=1; shift; fi
@@ -83,7 +84,7 @@ EOF
 
 if [ "$REHEARSE" = 1 ]; then
     say "rehearsal: --device cpu, no GPU figures"
-    smi() { while :; do echo "[N/A], [N/A]"; sleep 0.2; done; }
+    smi() { while echo "[N/A], [N/A]"; do sleep 0.2; done; }
 else
     command -v nvidia-smi >/dev/null || { say "nvidia-smi not found: not a GPU machine (try --rehearse)"; exit 2; }
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
@@ -107,21 +108,28 @@ say "sample ready ($PAGES pages) after $(secs) s"
 
 REPORT="$WORK/report.txt"
 : > "$REPORT"
+FAILED=0
 for MODEL in "${MODELS[@]}"; do
     D="$WORK/$MODEL"
     mkdir -p "$D"
     smi | stamp > "$D/smi.txt" &
     SMI_PID=$!
     START=$EPOCHREALTIME
-    if ! "$PC" build "$WORK/pages.txt" --out "$D/cube.zarr" --device "$DEVICE" --model "$MODEL" \
-            --batch-size 64 --chunk-pages "$CHUNK" "${EXTRA[@]}" > "$D/out.txt" 2> >(stamp > "$D/err.txt"); then
-        sleep 0.5; tail -5 "$D/out.txt" "$D/err.txt"; exit 1
-    fi
+    RC=0
+    "$PC" build "$WORK/pages.txt" --out "$D/cube.zarr" --device "$DEVICE" --model "$MODEL" \
+        --batch-size 64 --chunk-pages "$CHUNK" "${EXTRA[@]}" > "$D/out.txt" 2> >(stamp > "$D/err.txt") || RC=$?
     END=$EPOCHREALTIME
     kill "$SMI_PID" 2>/dev/null || true
     wait "$SMI_PID" 2>/dev/null || true
     SMI_PID=
     sleep 0.5  # the stderr time-stamper writes its last lines
+    [ "$RC" = 0 ] || FAILED=1
+    if [ "$RC" != 0 ] && [ "$RC" != 3 ]; then  # (3: some pages failed; the figures still stand)
+        say "model $MODEL: build exited $RC; its last lines:"
+        tail -n 8 "$D/out.txt" "$D/err.txt"
+        echo "model $MODEL: build failed (exit $RC), no figures" >> "$REPORT"
+        continue
+    fi
     "$PY" - "$D" "$START" "$END" "$PAGES" "$MODEL" "$REHEARSE" >> "$REPORT" <<'EOF'
 import re, sys
 d, start, end, pages, model, rehearse = sys.argv[1:]
@@ -135,8 +143,11 @@ if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
     steady = (n1 - n0) / (t1 - t0)
 else:
     t0, t1 = start, end
-m = re.search(r"\(([\d.]+) pages/s over this run", open(f"{d}/out.txt").read())
+out = open(f"{d}/out.txt").read()
+m = re.search(r"\(([\d.]+) pages/s over this run", out)
 run_rate = float(m.group(1)) if m else None
+m = re.search(r"(\d+) done, (\d+) failed", out)
+counts = f"{m.group(1)} done, {m.group(2)} failed" if m else "no summary line"
 util, mem = [], []
 for line in open(f"{d}/smi.txt"):
     parts = line.replace(",", " ").split()
@@ -158,7 +169,7 @@ def num(value, fmt):
 
 busy = sum(util) / len(util) if util else None
 where = "CPU rehearsal" if rehearse else "bf16 autocast, one worker per GPU"
-print(f"model {model}, {pages} pages, {where}; whole command {end - start:.1f} s")
+print(f"model {model}, {pages} pages ({counts}), {where}; whole command {end - start:.1f} s")
 print(f"  pages/s, first chunk to last       {num(steady, '8.1f'):>12}   {verdict(steady, goal_rate)}")
 print(f"  pages/s, whole run phase           {num(run_rate, '8.1f'):>12}")
 print(f"  GPU busy, mean utilization.gpu %   {num(busy, '8.1f'):>12}   {verdict(busy, goal_busy)}")
@@ -167,5 +178,6 @@ print(f"  share of samples with util > 0     {num(share, '8.2f'):>12}   ({len(ut
 print(f"  peak GPU memory used, MiB          {num(max(mem) if mem else None, '8.0f'):>12}")
 EOF
 done
-say "done in $(secs) s"
 cat "$REPORT"
+say "done in $(secs) s"
+exit "$FAILED"
