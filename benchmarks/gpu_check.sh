@@ -8,8 +8,9 @@
 # Prepare it where PyPI is reachable (the GPU machine reaches no package index):
 #   .venv/bin/python benchmarks/gpu_wheels.py      fills .whl/ with the wheels that machine lacks
 # then run this one command there, from the repository root, with .whl carried along.
-# With .whl/ present the wheels are installed into a temporary folder put first on
-# PYTHONPATH (nothing else is touched) and pagecube runs from there.
+# Where python3 has no pagecube installed, the wheels in .whl/ are installed into a
+# temporary folder put first on PYTHONPATH (nothing else is touched) and pagecube runs
+# from there.  PYTHON=... picks another interpreter (default: .venv/bin/python, else python3).
 #
 # Makes a synthetic sample of 256 pages, cycled to PAGES lines, and builds it with
 # --device cuda (the local cluster starts one worker per GPU; the models run under
@@ -43,16 +44,19 @@ T0=$EPOCHREALTIME
 say() { printf 'gpu_check: %s\n' "$*"; }
 secs() { echo $(( ${EPOCHREALTIME%.*} - ${T0%.*} )); }
 
-# --- pagecube: from the carried wheels when there are some, else the one installed with $PY
-if compgen -G ".whl/*.whl" >/dev/null; then
+# --- pagecube: the one installed with $PY, else from the carried wheels
+if "$PY" -c "import importlib.metadata as m; m.version('pagecube')" 2>/dev/null; then
+    PC="$(dirname "$(command -v "$PY")")/pagecube"
+    [ -x "$PC" ] || PC=pagecube
+    say "pagecube as installed with $PY"
+elif compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --disable-pip-version-check --target "$WORK/site" .whl/*.whl
     export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
     PC="$WORK/site/bin/pagecube"
     say "installed $(ls .whl/*.whl | wc -l) wheels from .whl/ into a temporary --target folder"
 else
-    PC="$(dirname "$(command -v "$PY")")/pagecube"
-    [ -x "$PC" ] || PC=pagecube
+    say "pagecube is not installed with $PY and there is no .whl/: run benchmarks/gpu_wheels.py first"; exit 2
 fi
 
 # --- pre-flight: versions, and every carried wheel's requirements met by what is there
