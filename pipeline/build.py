@@ -82,6 +82,20 @@ def _resolve_device(device: str, handle) -> str:
     return "cuda" if handle.gpu else "cpu"
 
 
+def _io_threads(handle, device: str) -> int:
+    """Threads that read and prepare pages in each worker's task: JobSpec's default, but on a local
+    GPU cluster (one worker per GPU, the model on the GPU) the cores each worker has to itself, since
+    reading and preparing pages is then all the CPU does and 4 threads starve a fast GPU."""
+    default = JobSpec.io_threads
+    spec = getattr(handle.cluster, "worker_spec", None)  # the workers started, joined or not yet
+    n_workers = len(spec) if spec else handle.n_workers
+    if device != "cuda" or handle.kind != "local" or n_workers < 1:
+        return default
+    from dask.system import CPU_COUNT
+
+    return max(default, int(CPU_COUNT) // n_workers)
+
+
 def _model_info(client, resident: str, factory: str, kwargs: dict) -> dict:
     """The model's info, from every worker: they must all have loaded the same weights."""
     from cluster import get_resident, resident_map
@@ -275,6 +289,7 @@ def build(
                 embedding_dim=config.embedding_dim, embedding_dtype=embedding_dtype,
                 model_resident=resident, model_factory=MODEL_FACTORY, model_kwargs=model_kwargs,
                 image_root=image_root, batch_size=batch_size, retry_failed=retry_failed, verify=verify,
+                io_threads=_io_threads(handle, dev),
             )
             already = sum(e.done for c, e in entries.items() if c in complete)
             bar = Progress(plan.pages_planned, already_done=already, enabled=progress)

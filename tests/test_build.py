@@ -231,3 +231,21 @@ def test_summary_by_page_id_or_position(small_store):
     proc = run_cli("summary", small_store, "--page-id", "no-such-page")
     assert proc.returncode == 1 and "page id 'no-such-page' is not among the 40 pages" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_io_threads_follow_the_cores_of_local_gpu_workers(monkeypatch):
+    """--device cuda on a local cluster: each GPU worker reads and prepares pages on its share of the
+    cores (4 threads starve a fast GPU); CPU and remote builds keep the default."""
+    from types import SimpleNamespace
+
+    import dask.system
+
+    from pipeline.build import _io_threads
+
+    monkeypatch.setattr(dask.system, "CPU_COUNT", 16)
+    one_gpu = SimpleNamespace(worker_spec={"gpu-0": {}})
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=1, cluster=one_gpu), "cuda") == 16
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=0, cluster=one_gpu), "cuda") == 16  # not joined yet
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=8, cluster=None), "cuda") == 4
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=2, cluster=None), "cpu") == 4
+    assert _io_threads(SimpleNamespace(kind="remote", n_workers=1, cluster=None), "cuda") == 4
