@@ -2,7 +2,9 @@
 # One short prepared check for a GPU machine: pages/s and GPU busy, bf16, per model.
 #
 #   benchmarks/gpu_check.sh [--rehearse] [PAGES] [MODEL...]
-#       defaults: 2048 pages; models tiny and closure-lite-base
+#       defaults: 2048 pages; models tiny, closure-lite-base and closure-lite-base+overlap
+#       (MODEL+overlap: the same build with PAGECUBE_OVERLAP_TASKS=1 on the workers, so a task
+#       writes its region while the next one reads: how much GPU idles between chunks without it)
 #   GPU_CHECK_REHEARSE=1 is the same as --rehearse.
 #
 # Prepare it where PyPI is reachable (the GPU machine reaches no package index):
@@ -33,7 +35,7 @@ if [ "$REHEARSE" = 1 ]; then PAGES=${1:-8}; CHUNK=4; DEVICE=cpu; EXTRA=(--worker
 else PAGES=${1:-2048}; CHUNK=256; DEVICE=cuda; EXTRA=(); fi
 shift $(( $# > 0 ? 1 : 0 ))
 MODELS=("$@")
-[ ${#MODELS[@]} -gt 0 ] || MODELS=(tiny closure-lite-base)
+[ ${#MODELS[@]} -gt 0 ] || MODELS=(tiny closure-lite-base closure-lite-base+overlap)
 
 PY=${PYTHON:-python3}
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
@@ -113,14 +115,16 @@ say "sample ready ($PAGES pages) after $(secs) s"
 REPORT="$WORK/report.txt"
 : > "$REPORT"
 FAILED=0
-for MODEL in "${MODELS[@]}"; do
-    D="$WORK/$MODEL"
+for RUN in "${MODELS[@]}"; do
+    MODEL=${RUN%+overlap}
+    OVERLAP=0; [ "$MODEL" = "$RUN" ] || OVERLAP=1
+    D="$WORK/$RUN"
     mkdir -p "$D"
     smi | stamp > "$D/smi.txt" &
     SMI_PID=$!
     START=$EPOCHREALTIME
     RC=0
-    "$PC" build "$WORK/pages.txt" --out "$D/cube.zarr" --device "$DEVICE" --model "$MODEL" \
+    PAGECUBE_OVERLAP_TASKS=$OVERLAP "$PC" build "$WORK/pages.txt" --out "$D/cube.zarr" --device "$DEVICE" --model "$MODEL" \
         --batch-size 64 --chunk-pages "$CHUNK" "${EXTRA[@]}" > "$D/out.txt" 2> >(stamp > "$D/err.txt") || RC=$?
     END=$EPOCHREALTIME
     kill "$SMI_PID" 2>/dev/null || true
@@ -129,12 +133,12 @@ for MODEL in "${MODELS[@]}"; do
     sleep 0.5  # the stderr time-stamper writes its last lines
     [ "$RC" = 0 ] || FAILED=1
     if [ "$RC" != 0 ] && [ "$RC" != 3 ]; then  # (3: some pages failed; the figures still stand)
-        say "model $MODEL: build exited $RC; its last lines:"
+        say "model $RUN: build exited $RC; its last lines:"
         tail -n 8 "$D/out.txt" "$D/err.txt"
-        echo "model $MODEL: build failed (exit $RC), no figures" >> "$REPORT"
+        echo "model $RUN: build failed (exit $RC), no figures" >> "$REPORT"
         continue
     fi
-    "$PY" - "$D" "$START" "$END" "$PAGES" "$MODEL" "$REHEARSE" >> "$REPORT" <<'EOF'
+    "$PY" - "$D" "$START" "$END" "$PAGES" "$RUN" "$REHEARSE" >> "$REPORT" <<'EOF'
 import re, sys
 d, start, end, pages, model, rehearse = sys.argv[1:]
 start, end, pages, rehearse = float(start), float(end), int(pages), rehearse == "1"
@@ -159,7 +163,7 @@ for line in open(f"{d}/smi.txt"):
         util.append(int(parts[1]))
         if parts[2].isdigit():
             mem.append(int(parts[2]))
-goal_rate, goal_busy = goals.get(model, (None, None))
+goal_rate, goal_busy = goals.get(model.split("+")[0], (None, None))
 
 def verdict(value, goal):
     if goal is None:
