@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LIMIT_MIB = 64  # what travels to the machine, wheels included
 
 # The machine's Python packages (names only), as last listed for it.  Versions
-# known from one session's `pip list` there: numpy 2.5.2, torch 2.11.0,
+# known from a `pip list` there: numpy 2.5.2, torch 2.11.0,
 # transformers 5.17.0, tokenizers 0.23.2, safetensors 0.8.0, huggingface_hub 1.33.0.
 MACHINE_HAS = """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
