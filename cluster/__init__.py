@@ -8,6 +8,7 @@ import importlib as _importlib
 # Imported on first use: ``cluster.forkserver`` must start before distributed is imported here.
 _LAZY = {
     "EventCounterPlugin": ".metrics", "event_counts": ".metrics", "install_event_counters": ".metrics",
+    "NoWorkers": ".liveness", "WorkerWatch": ".liveness", "no_workers_timeout": ".liveness",
     "check_workers": ".preflight", "skew_errors": ".preflight", "skew_lines": ".preflight",
     "version_table": ".preflight", "versions_skew": ".preflight",
     "ResidentMissing": ".resident", "ResidentPlugin": ".resident", "get_resident": ".resident",
@@ -34,6 +35,7 @@ __all__ = [
     "ClusterError",
     "ClusterHandle",
     "EventCounterPlugin",
+    "NoWorkers",
     "ResidentMissing",
     "ResidentPlugin",
     "check_workers",
@@ -43,6 +45,7 @@ __all__ = [
     "install_resident",
     "kubernetes_cluster_spec",
     "make_security",
+    "no_workers_timeout",
     "open_cluster",
     "resident_map",
     "resident_status",
@@ -51,4 +54,5 @@ __all__ = [
     "slurm_job_script",
     "version_table",
     "versions_skew",
+    "WorkerWatch",
 ]

@@ -29,6 +29,14 @@ __all__ = ["ClusterError", "ClusterHandle", "gpu_ids", "open_cluster", "VALID_TA
 
 VALID_TARGETS = "local, sync, tcp://HOST:PORT, tls://HOST:PORT, or a path to a YAML cluster spec (.yaml/.yml)"
 NO_MALLOC_TRIM = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+#: A SpecCluster (LocalCluster's base) closes a worker's nanny for good when, ``lost-worker-timeout``
+#: (15 s) after that worker left the scheduler, no worker of its name is registered at that very
+#: instant: meant for a batch job that is gone, it also closes a local nanny that is only restarting
+#: its worker. Measured: a task that crashes every worker it reaches had the nanny of a 1-worker
+#: cluster closed 15 s after the first crash, leaving no worker for ever (with the timeout shortened,
+#: the 2-worker fault test lost both nannies the same way and hung). Local nannies restart their
+#: workers themselves (and close when they cannot): never close them.
+KEEP_LOCAL_NANNIES = {"distributed.deploy.lost-worker-timeout": "3650 days"}
 DEVICES = ("cpu", "cuda", "auto")
 
 
@@ -247,7 +255,8 @@ def _open_local(workers, threads_per_worker, device, dashboard_address, security
         del os.environ["MALLOC_TRIM_THRESHOLD_"]
     protocol = "tls://" if security is not None and getattr(security, "require_encryption", False) else "tcp://"
     with contextlib.ExitStack() as stack:
-        stack.enter_context(dask.config.set({**NO_MALLOC_TRIM, **local_timers()}))
+        # held for the cluster's life: a nanny reads them again when its worker is lost or restarted
+        stack.enter_context(dask.config.set({**NO_MALLOC_TRIM, **KEEP_LOCAL_NANNIES, **local_timers()}))
         start = stack.enter_context(_worker_start(preload_modules if not ids else ()))
         with _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, security, timeout,
                                  protocol, start) as handle:
@@ -297,7 +306,38 @@ def _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, sec
         finally:
             client.close()
     finally:
+        _close_local(cluster)
+
+
+#: Seconds a local cluster may take to close before the worker processes still alive are killed.
+#: A nanny whose restarted worker died before the nanny read its "connected" message starts another
+#: one while the first start still polls: both read one queue, the first drops the new worker's
+#: message as not its own, and the second start never ends (distributed 2026.7). The worker runs
+#: fine, but closing the nanny waits for that start for ever; the worker's exit ends it. A normal
+#: close takes a second or two (a nanny gives its worker 5 s to stop before killing it).
+CLOSE_GRACE_S = 20.0
+
+
+def _close_local(cluster, grace: float = CLOSE_GRACE_S) -> None:
+    import threading
+
+    timer = threading.Timer(grace, _kill_worker_processes, args=(cluster,))
+    timer.daemon = True
+    timer.start()
+    try:
         cluster.close()
+    finally:
+        timer.cancel()
+
+
+def _kill_worker_processes(cluster) -> None:
+    import signal
+
+    for nanny in list(getattr(cluster, "workers", {}).values()):
+        pid = getattr(nanny, "pid", None)
+        if pid:
+            with contextlib.suppress(OSError):
+                os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 @contextlib.contextmanager

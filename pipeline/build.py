@@ -142,18 +142,25 @@ def build(
     progress: bool = True,
     seed: int = 0,
     preflight_timeout: float = 60.0,
+    no_workers_timeout: float | None = None,
 ) -> BuildResult:
     """Build (or resume) the store ``out`` from the page list ``pages``.
 
     ``cluster`` may also be the address of a scheduler you keep running
     (``tcp://...``/``tls://...``); ``preflight_timeout`` bounds the pre-flight
     checks (workers joined, resources, model loaded, store writable) in seconds.
+    ``no_workers_timeout``: once the build runs, how long to wait for a worker while the
+    cluster has none that can run the tasks before stopping with the finished chunks kept
+    (None: 60 s on a local cluster, 600 s elsewhere; 0: wait for ever).
     ``model=None`` resumes a store with its own built-in model, else takes
     ``tiny`` for a ``checkpoint``, ``pretrained`` where it is installed and
     ``tiny`` (untrained) where not.
     """
     _refuse_while_bootstrapping()
     _validate(chunk_pages, batch_size, max_panels, workers, threads_per_worker, embedding_dtype, codec, device)
+    if no_workers_timeout is not None and not no_workers_timeout >= 0:
+        raise BadArgument(f"--no-workers-timeout must be 0 (wait for ever) or a positive number of seconds, "
+                          f"got {no_workers_timeout:g}")
     try:
         lease_seconds()
     except ValueError as exc:
@@ -205,7 +212,7 @@ def build(
         say(UNTRAINED_NOTICE)
     chunk_pages = chunk_pages or default_chunk_pages(n_pages)
 
-    from cluster import install_event_counters, install_resident, open_cluster
+    from cluster import NoWorkers, install_event_counters, install_resident, open_cluster
     from cluster.logs import dask_logs_to_file
 
     from .preflight import check_cluster, check_pages, check_store
@@ -297,12 +304,20 @@ def build(
             reasons: list[str] = []
             try:
                 with sigterm_as_interrupt(), build_span(client, job.run_id):
-                    receipts = run_tasks(plan, source, job, handle, resources, bar, reasons, lease=lock)
+                    receipts = run_tasks(plan, source, job, handle, resources, bar, reasons, lease=lock,
+                                         no_workers_timeout=no_workers_timeout)
             except KeyboardInterrupt:
                 bar.close()
                 say(f"pagecube: interrupted; finished chunks are kept. Resume with the same command "
                      f"(pagecube build {pages} --out {out})")
                 raise
+            except NoWorkers as exc:
+                bar.close()
+                clear_running(loc)  # the marks of the processes that died: not this build's to count any more
+                left = n_pages - sum(e.done + e.failed for e in chunk_index.list_entries(loc).values())
+                raise BuildError(f"{exc} (--no-workers-timeout); stopped with {left} of {n_pages} pages "
+                                 "unfinished (finished chunks are kept); run the same command again to resume") \
+                    from None
             finally:
                 bar.close()
             seconds = time.monotonic() - t_run

@@ -106,7 +106,8 @@ def _lease_lost(exc: BaseException) -> bool:
     return type(exc).__name__ == "LeaseLost"  # raised on a worker: compared by name, as KilledWorker
 
 
-def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None) -> list[Receipt]:
+def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None,
+              no_workers_timeout: float | None = None) -> list[Receipt]:
     receipts: list[Receipt] = []
     client = handle.client
     if client is None:
@@ -126,6 +127,9 @@ def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None) ->
 
     from distributed import as_completed
 
+    from cluster import WorkerWatch, no_workers_timeout as default_timeout
+
+    watch = WorkerWatch(client, default_timeout(handle.kind, no_workers_timeout), resources)
     threads = max(1, sum(client.nthreads().values()))
     window = max(2, WINDOW_PER_THREAD * threads)
     todo = iter(plan.tasks)
@@ -143,11 +147,11 @@ def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None) ->
     ac = as_completed([submit(t) for _, t in zip(range(window), todo)])
     killed: dict = {}
     try:
-        for fut in ac:
+        for fut in finished(ac, watch):
             task = fut.pagecube_task
             check_lease(lease)
             try:
-                receipt = fut.result()
+                receipt = result(fut, watch)
             except Exception as exc:
                 if _lease_lost(exc):
                     raise LeaseLost(str(exc).splitlines()[0]) from None
@@ -174,6 +178,29 @@ def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None) ->
         client.cancel(list(ac.futures))
         raise
     return receipts
+
+
+def finished(ac, watch):
+    """``ac``'s futures as they finish; while none does, ``watch`` checks that a worker is left to run them."""
+    while not ac.is_empty():
+        if ac.has_ready():
+            yield next(ac)
+            continue
+        watch.check()
+        with ac.thread_condition:  # what as_completed's own iterator waits on
+            ac.thread_condition.wait(timeout=0.1)
+
+
+def result(fut, watch):
+    """``fut.result()``, checking the workers meanwhile: a result lost with its worker is computed again,
+    and that waits for a worker too."""
+    while True:
+        try:
+            return fut.result(timeout=1.0)
+        except TimeoutError:
+            if fut.status in ("error", "cancelled"):
+                raise  # the task's own TimeoutError
+            watch.check()
 
 
 def run_chunk_marked(task, source, job):

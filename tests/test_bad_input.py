@@ -177,6 +177,7 @@ def test_every_bad_input_kind_is_failed_or_handled_and_retry_failed_redoes_only_
     (["build", "{pages}", "--out", "{tmp}/s.zarr", "--checkpoint", "{tmp}"], "checkpoint"),
     (["build", "{pages}", "--out", "{tmp}/s.zarr", "--checkpoint", "{tmp}/empty.pt"], "empty"),
     (["build", "{pages}", "--out", "{tmp}/s.zarr", "--cluster", "bogus://x"], "cluster"),
+    (["build", "{pages}", "--out", "{tmp}/s.zarr", "--no-workers-timeout", "-1"], "--no-workers-timeout"),
     (["build", "{pages}"], "--out"),
 ])
 def test_bad_arguments_one_line_exit_2(tmp_path, args, needle):

@@ -136,6 +136,24 @@ def test_versions_skew_none_locally(local2):
     assert versions_skew(local2.client, extra=("pagecube", "not-a-real-package-xyz")) == []
 
 
+def test_local_nanny_restarting_its_worker_is_not_closed():
+    """Dask's SpecCluster closes a nanny for good when its worker is still away lost-worker-timeout
+    (15 s) after it left; shortened here below the time a restart takes, a killed worker would never
+    come back. A local cluster of ours keeps its nannies: the worker is replaced."""
+    import dask
+
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "100ms"}), \
+            open_cluster("local", workers=1, threads_per_worker=1, timeout=30) as h:
+        (pid,) = h.client.run(os.getpid).values()
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while set(h.client.run(os.getpid, on_error="ignore").values()) in (set(), {pid}):
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.1)
+        time.sleep(0.5)  # past the (shortened) timeout once more
+        assert len(h.cluster.workers) == 1 and len(h.client.nthreads()) == 1
+
+
 def test_gpu_spec_cluster_pins_one_device_per_worker():
     # The one-worker-per-GPU layout, run on CPU with device ids given explicitly.
     import dask

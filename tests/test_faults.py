@@ -136,6 +136,58 @@ def test_worker_sigkill_and_a_page_that_kills_every_worker(tmp_path):
             assert np.array_equal(a, b), name
 
 
+def test_no_worker_left_stops_the_build_with_one_line_then_resume(tmp_path):
+    """A scheduler whose only worker (no nanny: nothing replaces it) is SIGKILLed mid-build.
+
+    The build does not wait for ever: after --no-workers-timeout it stops with one line and exit 1,
+    the finished chunks kept, no running mark left, the lock released; with a worker again, the same
+    command finishes the rest.
+    """
+    from test_remote import DaskProcs, _env as dask_env
+
+    pages = make_pages(tmp_path / "s", 48, seed=25)
+    store = tmp_path / "n.zarr"
+    dask = DaskProcs(tmp_path)
+    try:
+        slow = {**dask_env(), "FAULTKIT_DELAY": "0.5"}  # 1 s a chunk of 8
+        worker = dask._spawn("worker", ["worker", dask.address, "--no-nanny", "--nthreads", "1", "--host",
+                                        "127.0.0.1", "--no-dashboard"], slow)
+        args = ["--cluster", dask.address, "--chunk-pages", "8", "--batch-size", "4", "--model", MODEL,
+                "--no-workers-timeout", "2"]
+        proc = popen_build(pages, store, *args)
+        try:
+            wait_for(lambda: len(_entries(store)) >= 1, 120, "a finished chunk", proc)
+            os.killpg(worker.pid, signal.SIGKILL)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 1, err
+        errors = [ln for ln in err.splitlines() if "error" in ln and "Dask and its workers logged" not in ln]
+        assert len(errors) == 1 and "Traceback" not in err, err
+        assert re.fullmatch(r"pagecube: error: no Dask worker has been alive for 2 s \(--no-workers-timeout\); "
+                            r"stopped with (\d+) of 48 pages unfinished \(finished chunks are kept\); "
+                            r"run the same command again to resume",
+                            errors[0]), err
+        left = int(re.search(r"with (\d+) of", errors[0]).group(1))
+        status, written = read(store, "status", "written_at")
+        done = status == 1
+        assert 8 <= done.sum() < 48 and left == 48 - done.sum(), (done.sum(), left)
+        assert done.sum() == 8 * len(_entries(store)), "a finished chunk is not recorded in the index"
+        assert not (store / "_pagecube" / "lock.json").exists(), "the lock was not released"
+        assert not list((store / "_pagecube" / "running").iterdir()), "running marks left behind"
+
+        dask.add_worker("worker-2")
+        code, _, err = run("build", pages, "--out", store, *args, "--no-progress")
+        assert code == 0, err
+        assert "resuming" in err
+        status2, written2 = read(store, "status", "written_at")
+        assert (status2 == 1).all()
+        assert np.array_equal(written2[done], written[done]), "pages finished before the stop were redone"
+    finally:
+        dask.stop()
+
+
 # --- malicious checkpoints ------------------------------------------------------------------------
 
 class _Evil:

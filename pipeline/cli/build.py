@@ -39,6 +39,7 @@ def build(
     tls_key: Optional[str] = typer.Option(None, "--tls-key", help="Client private key (PEM), if not inside --tls-cert."),
     dashboard_address: str = typer.Option("127.0.0.1:0", "--dashboard-address", help="Dashboard address for --cluster local (default: localhost, any free port; ':8787' listens on all interfaces)."),
     preflight_timeout: float = typer.Option(60.0, "--preflight-timeout", help="Seconds to wait for workers, the model and the store probe before any task."),
+    no_workers_timeout: Optional[float] = typer.Option(None, "--no-workers-timeout", help="Seconds the build waits while no worker is alive (all died, none replaced) before it stops, finished chunks kept (default 60 for --cluster local, 600 otherwise; 0: wait for ever)."),
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options for s3:// and other URLs, as a JSON object or @FILE (credentials: prefer the AWS_* environment)."),
 ) -> None:
     """Build the embedding store for PAGES into --out; resumes by default."""
@@ -73,6 +74,7 @@ def build(
         overwrite=overwrite, init_only=init_only, retry_failed=retry_failed, verify=verify,
         take_over_lock=take_over_lock, seed=seed, progress=not no_progress, storage_options=so,
         security=security, dashboard_address=dashboard_address, preflight_timeout=preflight_timeout,
+        no_workers_timeout=no_workers_timeout,
     )
     if init_only:
         print(f"initialised {result.store}: {result.n_pages} pages pending")
