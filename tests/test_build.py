@@ -249,3 +249,18 @@ def test_io_threads_follow_the_cores_of_local_gpu_workers(monkeypatch):
     assert _io_threads(SimpleNamespace(kind="local", n_workers=8, cluster=None), "cuda") == 4
     assert _io_threads(SimpleNamespace(kind="local", n_workers=2, cluster=None), "cpu") == 4
     assert _io_threads(SimpleNamespace(kind="remote", n_workers=1, cluster=None), "cuda") == 4
+
+
+def test_cli_exit_still_flushes_output_and_runs_cleanups(sample40, tmp_path):
+    """The command ends without the interpreter's slow teardown, yet its output arrives whole, its exit
+    code stands and its atexit cleanups run (the spawn flag file it made in TMPDIR is gone)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "c.zarr"
+    proc = run_cli("build", sample40, "--out", out, "--workers", "2", "--model", "tiny", "--no-progress",
+                   "--init-only", env={"TMPDIR": str(tmp)}, check=0)
+    assert proc.stdout.strip().endswith(f"initialised {out}: 40 pages pending"), proc.stdout
+    assert "created store" in proc.stderr
+    assert not list(tmp.glob("pagecube-spawn-*")), list(tmp.iterdir())
+    proc = run_cli("build", sample40, "--out", out, "--chunk-pages", "0", env={"TMPDIR": str(tmp)}, check=2)
+    assert proc.stderr.strip() == "pagecube: error: --chunk-pages must be a positive number, got 0", proc.stderr

@@ -71,4 +71,31 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    sys.exit(main())
+    _exit_now(main())
+
+
+def _exit_now(code: int) -> None:
+    """End the process without tearing the interpreter down object by object.
+
+    Measured on a 2-core machine: once the work was done, Python's own finalisation (every module of
+    distributed, xarray, pandas and zarr freed one object at a time) took 0.8-1.3 s, a third of a
+    ``build --init-only``.  What matters at exit still happens, in the interpreter's order: other
+    threads are joined, atexit handlers run (logging, multiprocessing, temporary folders), then stdout
+    and stderr are flushed.
+    """
+    import atexit
+    import os
+    import threading
+
+    try:
+        threading._shutdown()  # what the interpreter runs first at exit: joins the non-daemon threads
+        atexit._run_exitfuncs()
+    except AttributeError:  # pragma: no cover - an interpreter without these: the normal exit
+        sys.exit(code)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe must not change the exit code
+                pass
+    os._exit(code)
