@@ -25,8 +25,10 @@ from dataclasses import dataclass
 import dask
 
 ENV = "DASK_LOGGING"
-#: The loggers Dask sets up with a stderr handler (``distributed.config``), and tornado's.
-LOGGERS = ("distributed", "distributed.client", "distributed.gc", "bokeh", "tornado", "tornado.application")
+#: The loggers Dask sets up with a stderr handler (``distributed.config``), tornado's, and asyncio's (the
+#: event loops are Dask's: e.g. "Task exception was never retrieved" for a gather a client left behind).
+LOGGERS = ("distributed", "distributed.client", "distributed.gc", "bokeh", "tornado", "tornado.application",
+           "asyncio")
 
 
 @dataclass
@@ -77,6 +79,9 @@ def dask_logs_to_file(prefix: str = "dask-", report=None):
             logger.removeHandler(h)
             logger.addHandler(handler)
             swapped.append((logger, h))
+        if not logger.handlers and not logging.getLogger().handlers:  # else stderr, by logging's last resort
+            logger.addHandler(handler)
+            swapped.append((logger, None))
     config = {"version": 1, "disable_existing_loggers": False,
               "formatters": {"dask": {"format": fmt}},
               "handlers": {"file": {"class": "logging.FileHandler", "filename": path, "formatter": "dask"}},
@@ -97,7 +102,8 @@ def dask_logs_to_file(prefix: str = "dask-", report=None):
             os.environ[ENV] = before
         for logger, h in swapped:
             logger.removeHandler(handler)
-            logger.addHandler(h)
+            if h is not None:
+                logger.addHandler(h)
         handler.close()
         line = log.summary()
         if line is None:

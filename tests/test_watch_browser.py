@@ -131,10 +131,11 @@ def test_page_follows_a_build_on_a_remote_scheduler(remote, pages64, tmp_path):
             second = page.screenshot(path=_shot(tmp_path, "mid-build-2.png"), full_page=True)
             assert page.evaluate("document.body.dataset.state") == "building" and proc.poll() is None
             assert first != second
-            # the DOM's counts against `pagecube status` at the same moment
+            # the DOM's counts against `pagecube status` read just after: never ahead of the store (its
+            # snapshot is at most CACHE_S old, and chunks of 4 pages finish many a second), and they add up
             shown = w.counts()
             st = readers.store_status(str(out))
-            assert abs(shown["done"] - st.done) <= CHUNK and abs(shown["pending"] - st.pending) <= CHUNK, (shown, st)
+            assert shown["done"] <= st.done and sum(shown.values()) == st.n_pages == 64, (shown, st)
             assert shown["failed"] == st.failed == 0
             before = w.counts()
             cli = run_cli("status", out, check=0).stdout
