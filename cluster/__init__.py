@@ -3,7 +3,7 @@
 This package knows nothing about comics and never imports ``pipeline``.
 """
 
-import importlib as _importlib
+from .lazy import lazy_exports as _lazy_exports
 
 # Imported on first use: ``cluster.forkserver`` must start before distributed is imported here.
 _LAZY = {
@@ -19,17 +19,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = _lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "ClusterError",

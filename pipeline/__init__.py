@@ -12,6 +12,8 @@ import sys as _sys
 import types as _types
 from importlib.metadata import PackageNotFoundError, version as _version
 
+from cluster.lazy import lazy_exports as _lazy_exports
+
 try:
     __version__ = _version("pagecube")
 except PackageNotFoundError:  # running from a source tree that is not installed
@@ -28,18 +30,7 @@ __all__ = ["__version__", "build", "BuildResult", "BadArgument", "BuildError", "
            "store_status", "ModelInfo", "PageModel"]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = _lazy_exports(__name__, _LAZY)
 
 
 class _Package(_types.ModuleType):
