@@ -41,9 +41,10 @@ def require_store(loc: StoreLocation, damaged_ok: bool = False) -> None:
     raise NotAStore(f"{loc} is not a pagecube store{where}")
 
 
-def _require_pagecube(loc: StoreLocation, group: zarr.Group) -> None:
-    if "status" not in group or "chunk_pages" not in group.attrs:
-        raise NotAStore(f"{loc} is not a pagecube store (a Zarr group without pagecube's arrays and attributes)")
+def _require_pagecube(where, store) -> None:
+    """``store`` (a zarr Group or an xarray Dataset, opened from ``where``) has pagecube's arrays and attributes."""
+    if "status" not in store or "chunk_pages" not in store.attrs:
+        raise NotAStore(f"{where} is not a pagecube store (a Zarr group without pagecube's arrays and attributes)")
 
 
 def open_store(store, storage_options: dict | None = None) -> "xr.Dataset":
@@ -223,8 +224,7 @@ def page_summaries(store, *, max_pages: int = 5, text_len: int = 80, compact: bo
                    page_id: str | None = None, storage_options: dict | None = None) -> list[str]:
     """The seed's page summaries: id, series, panels, embedding norm, panel text."""
     ds = open_store(store, storage_options)
-    if "status" not in ds or "chunk_pages" not in ds.attrs:
-        raise NotAStore(f"{store} is not a pagecube store (a Zarr group without pagecube's arrays and attributes)")
+    _require_pagecube(store, ds)
     status = ds["status"].values
     if page_id is not None:
         from .similar import find_page  # streams page_id chunk by chunk; also takes @N
