@@ -1,10 +1,10 @@
 """Start the local workers' imports at the very beginning of a build (cheap to import).
 
 ``pagecube build`` calls :func:`start_workers_early` before it imports the
-client's own modules: the forkserver (``cluster.forkserver``) then imports
-distributed, torch, the model and the task code on another core while the
-client imports xarray, Dask and distributed and reads the page list; the
-cluster's workers are forked from it, ready. Only for ``--cluster local`` on
+client's own modules (``pipeline.cli`` does, before it imports typer): the
+forkserver (``cluster.forkserver``) then imports distributed, torch and the
+model on another core while the client imports xarray, Dask and distributed
+and reads the page list; the cluster's workers are forked from it, ready. Only for ``--cluster local`` on
 CPU: GPU workers are still spawned, one per device.
 """
 from __future__ import annotations
@@ -15,8 +15,10 @@ import tempfile
 
 from .model.registry import BUILTIN, default_model
 
-#: What a worker imports before its first task, besides the model's module.
-WORKER_MODULES = ("distributed", "cluster.resident", "cluster.metrics", "pipeline.preflight", "pipeline.tasks")
+#: What the forkserver imports for every local worker, besides the model's module: what a worker needs to
+#: join, run the pre-flight checks and load the model. ``pipeline.tasks`` (zarr, pydantic: 0.25 s) is left
+#: to each worker's first task, in parallel: in the server's list it held every worker back by that much.
+WORKER_MODULES = ("distributed", "cluster.resident", "cluster.metrics", "pipeline.preflight")
 #: A file a worker process of ours writes when it re-ran pipeline.build (an unguarded script).
 SPAWN_FLAG = "PAGECUBE_SPAWN_FLAG"
 _FLAG: list[str] = []
