@@ -184,7 +184,7 @@ def test_remote_walkthrough_names_real_options():
         assert needle in text
     from typer.main import get_command
 
-    from pipeline.cli import app
+    from pipeline.cli.commands import app
 
     build = get_command(app).commands["build"]
     options = {o for p in build.params for o in getattr(p, "opts", [])}

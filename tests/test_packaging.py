@@ -185,7 +185,7 @@ def test_every_command_and_option_has_help():
     import click
     from typer.main import get_command
 
-    from pipeline.cli import app
+    from pipeline.cli.commands import app
 
     root = get_command(app)
     assert {"sample", "build", "status", "summary", "show"} <= set(root.commands)

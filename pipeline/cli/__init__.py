@@ -4,14 +4,11 @@ This package's own module stays cheap on purpose. The console script imports it,
 local worker process, which re-imports the script's main module when it starts. ``pagecube build``
 starts the local workers' forkserver here, before typer and the commands are imported: the workers
 import torch for about two seconds, and that import, not the client's, is what a build waits for.
+The typer application, with every command registered, is ``pipeline.cli.commands.app``.
 """
 from __future__ import annotations
 
 import sys
-
-from cluster.lazy import lazy_exports as _lazy_exports
-
-__getattr__, __dir__ = _lazy_exports(__name__, {"app": ".commands"})
 
 #: ``pagecube build`` options that decide whether local workers are forked, and what they import.
 EARLY_OPTIONS = ("--cluster", "--device", "--model", "--checkpoint")
