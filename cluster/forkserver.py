@@ -80,15 +80,35 @@ def _server_pid():
 IMPORTED_WITH_LOGGING = os.environ.get("DASK_LOGGING")
 
 
+#: Set in a forked worker's environment (by its Nanny): modules, comma-separated, it imports in a
+#: background thread as soon as it starts (``open_cluster``'s ``warm_modules``).
+WARM_KEY = "CLUSTER_FORKSERVER_WARM_MODULES"
+
+
 def dask_setup(worker) -> None:
     """Dask worker preload for forked workers: distributed set up its logging when the server
-    imported it; a ``DASK_LOGGING`` the Nanny gave this worker since then is applied now."""
-    if os.environ.get("DASK_LOGGING") == IMPORTED_WITH_LOGGING:
-        return
-    import dask
-    from distributed.config import initialize_logging
+    imported it, so a ``DASK_LOGGING`` the Nanny gave this worker since then is applied now; then
+    the worker's warm modules start importing."""
+    if os.environ.get("DASK_LOGGING") != IMPORTED_WITH_LOGGING:
+        import dask
+        from distributed.config import initialize_logging
 
-    initialize_logging(dask.config.config)
+        initialize_logging(dask.config.config)
+    warm = [m for m in os.environ.get(WARM_KEY, "").split(",") if m]
+    if warm:
+        threading.Thread(target=_import_all, args=(warm,), name="warm-imports", daemon=True).start()
+
+
+def _import_all(modules: Sequence[str]) -> None:
+    """Import ``modules`` (in a forked worker, beside its start). A failure is left to the code that
+    needs the module: it raises the same error, where it can be reported."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def start_forkserver(modules: Sequence[str], env_extra: dict[str, str] | None = None) -> bool:

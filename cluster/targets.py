@@ -149,6 +149,7 @@ def open_cluster(
     security=None,
     timeout: float = 60,
     preload_modules: Sequence[str] = (),
+    warm_modules: Sequence[str] = (),
 ) -> Iterator[ClusterHandle]:
     """Yield a ``ClusterHandle`` for ``target``; close client and cluster on exit.
 
@@ -157,6 +158,8 @@ def open_cluster(
     ``ValueError`` with the list of valid ones. ``preload_modules``: for a
     local CPU cluster, workers are forked from a server that imported these
     (see ``cluster.forkserver``; ``start_forkserver`` may start it earlier).
+    ``warm_modules``: what each such forked worker imports in the background once
+    it has started (what its first task needs, but joining the cluster does not).
     """
     _check_device(device)
     if not isinstance(target, (str, os.PathLike)):
@@ -168,7 +171,7 @@ def open_cluster(
         return
     if target == "local":
         with _open_local(workers, threads_per_worker, device, dashboard_address, security, timeout,
-                         preload_modules) as h:
+                         preload_modules, warm_modules) as h:
             yield h
         return
     if target.startswith(("tcp://", "tls://")):
@@ -227,15 +230,17 @@ def _pre_spawn_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _worker_start(preload_modules):
+def _worker_start(preload_modules, warm_modules=()):
     """Config and Nanny ``env`` that fork local CPU workers from the preloaded forkserver, held for
     the cluster's life (a Nanny reads the start method again when it restarts a killed worker)."""
     env = None
     if preload_modules:
-        from .forkserver import forkserver_worker_env, start_forkserver
+        from .forkserver import WARM_KEY, forkserver_worker_env, start_forkserver
 
         if start_forkserver(preload_modules):
             env = forkserver_worker_env(_pre_spawn_env())
+        if env is not None and warm_modules:
+            env = {**env, WARM_KEY: ",".join(warm_modules)}
     if env is None:
         yield {}
         return
@@ -244,7 +249,8 @@ def _worker_start(preload_modules):
 
 
 @contextlib.contextmanager
-def _open_local(workers, threads_per_worker, device, dashboard_address, security, timeout, preload_modules=()):
+def _open_local(workers, threads_per_worker, device, dashboard_address, security, timeout, preload_modules=(),
+                warm_modules=()):
     ids = gpu_ids() if device != "cpu" else []
     if device == "cuda" and not ids:
         # decided: no silent fall-back to CPU when CUDA was asked for explicitly
@@ -257,7 +263,7 @@ def _open_local(workers, threads_per_worker, device, dashboard_address, security
     with contextlib.ExitStack() as stack:
         # held for the cluster's life: a nanny reads them again when its worker is lost or restarted
         stack.enter_context(dask.config.set({**NO_MALLOC_TRIM, **KEEP_LOCAL_NANNIES, **local_timers()}))
-        start = stack.enter_context(_worker_start(preload_modules if not ids else ()))
+        start = stack.enter_context(_worker_start(preload_modules if not ids else (), warm_modules))
         with _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, security, timeout,
                                  protocol, start) as handle:
             yield handle

@@ -25,7 +25,7 @@ from .model.protocol import info_dict as _info_of
 from .model.registry import BUILTIN, UNTRAINED_NOTICE, ModelNotFound, check_model, default_model, resolve_factory
 from .plan import default_chunk_pages, plan_build
 from .progress import Progress
-from .startup import SPAWN_FLAG, spawn_flag_path, start_workers_early, worker_modules
+from .startup import SPAWN_FLAG, WARM_MODULES, spawn_flag_path, start_workers_early, worker_modules
 from .store import index as chunk_index
 from .store.debris import clean_debris
 from .store.grow import grow_store
@@ -226,7 +226,8 @@ def build(
                           "distributed.scheduler.worker-saturation": WORKER_SATURATION}), \
             _QuietClose(open_cluster(cluster, workers=workers, threads_per_worker=threads_per_worker, device=device,
                                      dashboard_address=dashboard_address, security=security,
-                                     timeout=preflight_timeout, preload_modules=worker_modules(model)), flag) as handle:
+                                     timeout=preflight_timeout, preload_modules=worker_modules(model),
+                                     warm_modules=WARM_MODULES), flag) as handle:
         dev = _resolve_device(device, handle)
         model_kwargs["device"] = dev
         if handle.dashboard_link:

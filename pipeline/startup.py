@@ -16,9 +16,12 @@ import tempfile
 from .model.registry import BUILTIN, default_model
 
 #: What the forkserver imports for every local worker, besides the model's module: what a worker needs to
-#: join, run the pre-flight checks and load the model. ``pipeline.tasks`` (zarr, pydantic: 0.25 s) is left
-#: to each worker's first task, in parallel: in the server's list it held every worker back by that much.
+#: join, run the pre-flight checks and load the model.
 WORKER_MODULES = ("distributed", "cluster.resident", "cluster.metrics", "pipeline.preflight")
+#: What each forked worker imports in the background once it has started, while the client runs the
+#: pre-flight checks and writes the template: the task code (zarr, pydantic: 0.25 s). In the server's
+#: list it held every worker back by that much; left to the first task, it slowed that task as much.
+WARM_MODULES = ("pipeline.tasks",)
 #: A file a worker process of ours writes when it re-ran pipeline.build (an unguarded script).
 SPAWN_FLAG = "PAGECUBE_SPAWN_FLAG"
 _FLAG: list[str] = []

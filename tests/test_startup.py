@@ -51,9 +51,10 @@ def test_build_starts_the_workers_forkserver_before_the_commands_are_imported():
     assert seen == [False, None, False, False, False, None, True, True, False, False]
 
 
-def test_forked_workers_share_the_servers_objects_frozen():
+def test_forked_workers_share_the_servers_objects_frozen_and_warm_up_in_the_background():
     """The server freezes what it imported (gc.freeze) before it forks: each worker's garbage collector
-    skips those objects (a 150 ms full collection per worker at start, measured, before this)."""
+    skips those objects (a 150 ms full collection per worker at start, measured, before this). Each
+    worker then imports its warm modules (the task code) itself, beside joining the cluster."""
     counts = python(
         "import gc, json\n"
         "if __name__ == '__main__':\n"
@@ -61,12 +62,19 @@ def test_forked_workers_share_the_servers_objects_frozen():
         "    from cluster.forkserver import start_forkserver\n"
         "    assert start_forkserver(worker_modules('tiny'))\n"
         "    from cluster import open_cluster\n"
+        "    import sys, time\n"
         "    with open_cluster('local', workers=2, threads_per_worker=1, device='cpu', timeout=60,\n"
-        "                      preload_modules=worker_modules('tiny')) as h:\n"
+        "                      preload_modules=worker_modules('tiny'), warm_modules=['wave', 'no_such_module']) as h:\n"
         "        frozen = h.client.run(gc.get_freeze_count)\n"
-        "        has_torch = h.client.run(lambda: 'torch' in __import__('sys').modules)\n"
-        "    print(json.dumps([[frozen[w], has_torch[w]] for w in sorted(frozen)]))\n")
+        "        has_torch = h.client.run(lambda: 'torch' in sys.modules)\n"
+        "        for _ in range(100):\n"
+        "            warm = h.client.run(lambda: 'wave' in sys.modules)\n"
+        "            if all(warm.values()):\n"
+        "                break\n"
+        "            time.sleep(0.1)\n"
+        "    print(json.dumps([[frozen[w], has_torch[w], warm[w], 'wave' in sys.modules] for w in sorted(frozen)]))\n")
     assert len(counts) == 2
-    for frozen, has_torch in counts:
+    for frozen, has_torch, warm, here in counts:
         assert has_torch  # forked from the server, which imported torch
-        assert frozen > 100_000, counts  # torch, distributed and the task code: hundreds of thousands
+        assert frozen > 100_000, counts  # torch and distributed: hundreds of thousands of objects
+        assert warm and not here  # each worker imported its warm module itself (a missing one is skipped)
