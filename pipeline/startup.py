@@ -1,11 +1,12 @@
 """Start the local workers' imports at the very beginning of a build (cheap to import).
 
 ``pagecube build`` calls :func:`start_workers_early` before it imports the
-client's own modules (``pipeline.cli`` does, before it imports typer): the
-forkserver (``cluster.forkserver``) then imports distributed, torch and the
-model on another core while the client imports xarray, Dask and distributed
-and reads the page list; the cluster's workers are forked from it, ready. Only for ``--cluster local`` on
-CPU: GPU workers are still spawned, one per device.
+client's own modules (``pipeline.cli`` does, before it imports typer; ``build()``
+calls it again for Python callers, a no-op after the first): the forkserver
+(``cluster.forkserver``) then imports distributed, torch and the model on
+another core while the client imports xarray, Dask and distributed and reads
+the page list; the cluster's workers are forked from it, ready. Only for
+``--cluster local`` on CPU: GPU workers are still spawned, one per device.
 """
 from __future__ import annotations
 

@@ -43,9 +43,7 @@ def build(
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options for s3:// and other URLs, as a JSON object or @FILE (credentials: prefer the AWS_* environment)."),
 ) -> None:
     """Build the embedding store for PAGES into --out; resumes by default."""
-    from ..startup import start_workers_early
-
-    start_workers_early(cluster, device, model or ("tiny" if checkpoint else None))  # first: workers import torch meanwhile
+    # the local workers' forkserver was started by pipeline.cli.main, before typer was imported
     from ..build import BadArgument, build as run_build
     from ..store.location import parse_storage_options
 
