@@ -17,11 +17,14 @@
 # Makes a synthetic sample of 256 pages, cycled to PAGES lines, and builds it with
 # --device cuda (the local cluster starts one worker per GPU; the models run under
 # bf16 autocast there) while nvidia-smi samples utilization.gpu every 0.2 s.  For each
-# model it prints, beside the goals (closure-lite-base: >= 500 pages/s at >= 80% busy):
+# model it prints first its two ceilings, measured apart (benchmarks/gpu_ceilings.py: the model
+# alone on batches prepared beforehand; reading + preparing alone, on 1 and on all threads), then,
+# beside the goals (closure-lite-base: >= 500 pages/s at >= 80% busy):
 #   - pages/s in the steady state, from the first finished chunk to the last (start-up,
 #     model load and the first chunk's warm-up left out), and over the whole run phase;
 #   - GPU busy: the mean utilization.gpu over that same steady-state window, and the share
-#     of samples above 0; peak GPU memory.
+#     of samples above 0; peak GPU memory;
+#   - the build's own task time by phase (model, waiting for pages, writing).
 # Rehearsal (a machine without a GPU): everything but the GPU: --device cpu, one worker,
 # 8 pages in chunks of 4, a stand-in sampler that answers "[N/A]" as nvidia-smi does
 # where it cannot read a figure; the same report, GPU figures marked not measured.
@@ -114,6 +117,18 @@ say "sample ready ($PAGES pages) after $(secs) s"
 
 REPORT="$WORK/report.txt"
 : > "$REPORT"
+# --- the two ceilings, apart: the model alone, and reading + preparing alone (gpu_ceilings.py)
+CEIL_SECONDS=3; CEIL_BATCH=64
+if [ "$REHEARSE" = 1 ]; then CEIL_SECONDS=0.5; CEIL_BATCH=2; fi
+declare -A SEEN=()
+for RUN in "${MODELS[@]}"; do
+    MODEL=${RUN%+overlap}
+    [ -z "${SEEN[$MODEL]:-}" ] || continue
+    SEEN[$MODEL]=1
+    "$PY" benchmarks/gpu_ceilings.py "$WORK/pages.txt" "$MODEL" --device "$DEVICE" --batch-size "$CEIL_BATCH" \
+        --seconds "$CEIL_SECONDS" >> "$REPORT" 2>"$WORK/ceil-$MODEL.err" \
+        || { say "ceilings of $MODEL failed:"; tail -n 5 "$WORK/ceil-$MODEL.err"; }
+done
 FAILED=0
 for RUN in "${MODELS[@]}"; do
     MODEL=${RUN%+overlap}
@@ -184,6 +199,8 @@ print(f"  GPU busy, mean utilization.gpu %   {num(busy, '8.1f'):>12}   {verdict(
 share = sum(v > 0 for v in util) / len(util) if util else None
 print(f"  share of samples with util > 0     {num(share, '8.2f'):>12}   ({len(util)} samples at 0.2 s)")
 print(f"  peak GPU memory used, MiB          {num(max(mem) if mem else None, '8.0f'):>12}")
+m = re.search(r"task time by phase, summed over tasks: (.*)", out)
+print(f"  task time: {m.group(1) if m else 'not printed'}")
 EOF
 done
 cat "$REPORT"

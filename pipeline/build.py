@@ -49,6 +49,7 @@ class BuildResult:
     seconds: float
     dashboard: str | None = None
     reasons: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # task seconds by phase, summed over this run's tasks
 
     @property
     def pending(self) -> int:
@@ -327,8 +328,13 @@ def build(
     entries = chunk_index.list_entries(loc)
     done = sum(e.done for e in entries.values())
     failed = sum(e.failed for e in entries.values())
+    phases: dict[str, float] = {}
+    for r in receipts:
+        for name, value in r.seconds.items():
+            phases[name] = phases.get(name, 0.0) + value
     del receipts
-    return BuildResult(str(loc), n_pages, done, failed, plan.pages_planned, seconds, handle.dashboard_link, reasons)
+    return BuildResult(str(loc), n_pages, done, failed, plan.pages_planned, seconds, handle.dashboard_link, reasons,
+                       phases)
 
 
 def _install_page(client, loc: StoreLocation, image_root: str | None, dashboard_link: str | None) -> None:

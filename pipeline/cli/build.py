@@ -80,7 +80,19 @@ def build(
     print(f"{result.store}: {result.done} done, {result.failed} failed, {result.pending} pending "
           f"of {result.n_pages} pages ({result.pages_per_s:.1f} pages/s over this run, "
           "first task to last, warm-up included)")
+    if result.phases:
+        print("  task time by phase, summed over tasks: " + phase_line(result.phases))
     for r in result.reasons[:5]:
         print(f"  failed: {r}", file=sys.stderr)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+PHASE_NAMES = {"inference": "model", "read": "waiting for pages (read + prepare)", "write": "writing",
+               "verify": "verifying"}
+
+
+def phase_line(phases: dict[str, float]) -> str:
+    """Where the tasks' time went: the model, or waiting for pages to be read and prepared, or the store."""
+    order = [k for k in PHASE_NAMES if k in phases] + sorted(k for k in phases if k not in PHASE_NAMES)
+    return ", ".join(f"{PHASE_NAMES.get(k, k)} {phases[k]:.1f} s" for k in order)
