@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One short prepared check for a GPU machine: pages/s and GPU busy, bf16, per model.
 #
-#   benchmarks/gpu_check.sh [--rehearse] [PAGES] [MODEL...]
-#       defaults: 2048 pages; models tiny, closure-lite-base and closure-lite-base+overlap
-#       (MODEL+overlap: the same build with PAGECUBE_OVERLAP_TASKS=1 on the workers, so a task
-#       writes its region while the next one reads: how much GPU idles between chunks without it)
+#   benchmarks/gpu_check.sh [--rehearse] [PAGES] [RUN...]
+#       defaults: 4096 pages; runs tiny, closure-lite-base@1 and closure-lite-base
+#       RUN is MODEL, MODEL@N (the build with --workers N: closure-lite-base@1 is one worker on
+#       the GPU, against the default of several) or MODEL+overlap (PAGECUBE_OVERLAP_TASKS=1 on
+#       the workers: a task writes its region while the next one reads)
 #   GPU_CHECK_REHEARSE=1 is the same as --rehearse.
 #
 # Prepare it where PyPI is reachable (the GPU machine reaches no package index):
@@ -15,7 +16,7 @@
 # from there.  PYTHON=... picks another interpreter (default: .venv/bin/python, else python3).
 #
 # Makes a synthetic sample of 256 pages, cycled to PAGES lines, and builds it with
-# --device cuda (the local cluster starts one worker per GPU; the models run under
+# --device cuda (the local cluster pins workers to the GPU; the models run under
 # bf16 autocast there) while nvidia-smi samples utilization.gpu every 0.2 s.  For each
 # model it prints first its two ceilings, measured apart (benchmarks/gpu_ceilings.py: the model
 # alone on batches prepared beforehand; reading + preparing alone, on 1 and on all threads), then,
@@ -35,10 +36,10 @@ REHEARSE=${GPU_CHECK_REHEARSE:-0}
 if [ "${1:-}" = "--rehearse" ]; then REHEARSE=1; shift; fi
 [ "$REHEARSE" = 0 ] || REHEARSE=1
 if [ "$REHEARSE" = 1 ]; then PAGES=${1:-8}; CHUNK=4; DEVICE=cpu; EXTRA=(--workers 1)
-else PAGES=${1:-2048}; CHUNK=256; DEVICE=cuda; EXTRA=(); fi
+else PAGES=${1:-4096}; CHUNK=256; DEVICE=cuda; EXTRA=(); fi
 shift $(( $# > 0 ? 1 : 0 ))
 MODELS=("$@")
-[ ${#MODELS[@]} -gt 0 ] || MODELS=(tiny closure-lite-base closure-lite-base+overlap)
+[ ${#MODELS[@]} -gt 0 ] || MODELS=(tiny closure-lite-base@1 closure-lite-base)
 
 PY=${PYTHON:-python3}
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
@@ -122,7 +123,7 @@ CEIL_SECONDS=3; CEIL_BATCH=64
 if [ "$REHEARSE" = 1 ]; then CEIL_SECONDS=0.5; CEIL_BATCH=2; fi
 declare -A SEEN=()
 for RUN in "${MODELS[@]}"; do
-    MODEL=${RUN%+overlap}
+    MODEL=${RUN%+overlap}; MODEL=${MODEL%@*}
     [ -z "${SEEN[$MODEL]:-}" ] || continue
     SEEN[$MODEL]=1
     "$PY" benchmarks/gpu_ceilings.py "$WORK/pages.txt" "$MODEL" --device "$DEVICE" --batch-size "$CEIL_BATCH" \
@@ -133,6 +134,8 @@ FAILED=0
 for RUN in "${MODELS[@]}"; do
     MODEL=${RUN%+overlap}
     OVERLAP=0; [ "$MODEL" = "$RUN" ] || OVERLAP=1
+    WORKERS=("${EXTRA[@]}")
+    if [ "${MODEL%@*}" != "$MODEL" ]; then WORKERS=(--workers "${MODEL##*@}"); MODEL=${MODEL%@*}; fi
     D="$WORK/$RUN"
     mkdir -p "$D"
     smi | stamp > "$D/smi.txt" &
@@ -140,7 +143,7 @@ for RUN in "${MODELS[@]}"; do
     START=$EPOCHREALTIME
     RC=0
     PAGECUBE_OVERLAP_TASKS=$OVERLAP "$PC" build "$WORK/pages.txt" --out "$D/cube.zarr" --device "$DEVICE" --model "$MODEL" \
-        --batch-size 64 --chunk-pages "$CHUNK" "${EXTRA[@]}" > "$D/out.txt" 2> >(stamp > "$D/err.txt") || RC=$?
+        --batch-size 64 --chunk-pages "$CHUNK" "${WORKERS[@]}" > "$D/out.txt" 2> >(stamp > "$D/err.txt") || RC=$?
     END=$EPOCHREALTIME
     kill "$SMI_PID" 2>/dev/null || true
     wait "$SMI_PID" 2>/dev/null || true
@@ -153,9 +156,9 @@ for RUN in "${MODELS[@]}"; do
         echo "model $RUN: build failed (exit $RC), no figures" >> "$REPORT"
         continue
     fi
-    "$PY" - "$D" "$START" "$END" "$PAGES" "$RUN" "$REHEARSE" >> "$REPORT" <<'EOF'
+    "$PY" - "$D" "$START" "$END" "$PAGES" "$RUN" "$REHEARSE" "${WORKERS[*]}" >> "$REPORT" <<'EOF'
 import re, sys
-d, start, end, pages, model, rehearse = sys.argv[1:]
+d, start, end, pages, model, rehearse, workers = sys.argv[1:]
 start, end, pages, rehearse = float(start), float(end), int(pages), rehearse == "1"
 goals = {"closure-lite-base": (500.0, 80.0)}  # pages/s, mean utilization.gpu %
 # chunk completions: "<time> pages N/M (done ..." lines of the build's progress
@@ -178,7 +181,7 @@ for line in open(f"{d}/smi.txt"):
         util.append(int(parts[1]))
         if parts[2].isdigit():
             mem.append(int(parts[2]))
-goal_rate, goal_busy = goals.get(model.split("+")[0], (None, None))
+goal_rate, goal_busy = goals.get(re.split(r"[+@]", model)[0], (None, None))
 
 def verdict(value, goal):
     if goal is None:
@@ -191,7 +194,8 @@ def num(value, fmt):
     return "not measured" if value is None else format(value, fmt)
 
 busy = sum(util) / len(util) if util else None
-where = "CPU rehearsal" if rehearse else "bf16 autocast, one worker per GPU"
+placed = f"{workers.split()[-1]} worker(s)" if workers else "the default workers per GPU"
+where = f"CPU rehearsal, {placed}" if rehearse else f"bf16 autocast, {placed}"
 print(f"model {model}, {pages} pages ({counts}), {where}; whole command {end - start:.1f} s")
 print(f"  pages/s, first chunk to last       {num(steady, '8.1f'):>12}   {verdict(steady, goal_rate)}")
 print(f"  pages/s, whole run phase           {num(run_rate, '8.1f'):>12}")

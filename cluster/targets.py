@@ -1,7 +1,7 @@
 """Open a Dask cluster from one target string and close it cleanly.
 
-Targets: "local" (processes sized to this machine; one worker per GPU where
-there are GPUs), "sync" (no distributed, in-process debugging),
+Targets: "local" (processes sized to this machine; where there are GPUs, workers
+pinned to them, by default as many per GPU as the cores feed), "sync" (no distributed, in-process debugging),
 "tcp://HOST:PORT" / "tls://HOST:PORT" (a running scheduler), or a YAML spec
 file for SLURM/PBS (dask-jobqueue) or Kubernetes (dask-kubernetes). Dask's
 ``MALLOC_TRIM_THRESHOLD_`` pre-spawn setting is removed before any local
@@ -185,18 +185,21 @@ def open_cluster(
     raise ValueError(f"unknown cluster target {target!r}; valid targets: {VALID_TARGETS}")
 
 
-def gpu_spec_cluster(ids, threads_per_worker=1, dashboard_address="127.0.0.1:0", security=None):
-    """A SpecCluster with one Nanny per device id, each seeing only its GPU.
+def gpu_spec_cluster(ids, threads_per_worker=1, dashboard_address="127.0.0.1:0", security=None, workers=None):
+    """A SpecCluster of Nannies pinned to GPUs, each worker seeing only its own device.
 
-    ``LocalCluster(env=...)`` would give every worker the same env, hence a
-    spec. Each worker offers ``{"GPU": 1}`` so tasks asking for it spread one
-    per GPU. Call inside ``dask.config.set(NO_MALLOC_TRIM)``.
+    ``workers``: how many in all, spread over ``ids`` in turn (``cluster.placement``); None: one
+    per GPU. ``LocalCluster(env=...)`` would give every worker the same env, hence a spec. Each
+    worker offers ``{"GPU": 1}``, so a worker runs one model task at a time, and several workers
+    on one GPU take turns on it. Call inside ``dask.config.set(NO_MALLOC_TRIM)``.
     """
     from distributed import Nanny, Scheduler, SpecCluster
 
+    from .placement import gpu_workers
+
     protocol = "tls://" if security is not None and getattr(security, "require_encryption", False) else "tcp://"
     worker_specs = {
-        f"gpu-{i}": {
+        name: {
             "cls": Nanny,
             "options": {
                 "nthreads": threads_per_worker,
@@ -208,7 +211,7 @@ def gpu_spec_cluster(ids, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                 "silence_logs": logging.WARNING,
             },
         }
-        for i, dev in enumerate(ids)
+        for name, dev in gpu_workers(list(ids), len(ids) if workers is None else workers, cores=0)
     }
     scheduler = {
         "cls": Scheduler,
@@ -274,9 +277,11 @@ def _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, sec
     from distributed import Client, LocalCluster
 
     if ids:
-        if workers is not None:
-            ids = ids[: max(1, workers)]
-        cluster = gpu_spec_cluster(ids, threads_per_worker or 1, dashboard_address, security)
+        from .placement import default_workers_per_gpu
+
+        if workers is None:  # enough workers per GPU to feed it (cluster.placement says why)
+            workers = len(ids) * default_workers_per_gpu(len(ids), _cpu_count())
+        cluster = gpu_spec_cluster(ids, threads_per_worker or 1, dashboard_address, security, workers)
         gpu = True
     else:
         cores = _cpu_count()

@@ -85,7 +85,7 @@ def _resolve_device(device: str, handle) -> str:
 
 def _io_threads(handle, device: str) -> int:
     """Threads that read and prepare pages in each worker's task: JobSpec's default, but on a local
-    GPU cluster (one worker per GPU, the model on the GPU) the cores each worker has to itself, since
+    GPU cluster (workers pinned to GPUs, the model on the GPU) the cores each worker has to itself, since
     reading and preparing pages is then all the CPU does and 4 threads starve a fast GPU."""
     default = JobSpec.io_threads
     spec = getattr(handle.cluster, "worker_spec", None)  # the workers started, joined or not yet

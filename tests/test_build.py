@@ -247,6 +247,8 @@ def test_io_threads_follow_the_cores_of_local_gpu_workers(monkeypatch):
     assert _io_threads(SimpleNamespace(kind="local", n_workers=1, cluster=one_gpu), "cuda") == 16
     assert _io_threads(SimpleNamespace(kind="local", n_workers=0, cluster=one_gpu), "cuda") == 16  # not joined yet
     assert _io_threads(SimpleNamespace(kind="local", n_workers=8, cluster=None), "cuda") == 4
+    two_on_one = SimpleNamespace(worker_spec={"gpu-0": {}, "gpu-0.1": {}})  # two workers share the GPU
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=0, cluster=two_on_one), "cuda") == 8
     assert _io_threads(SimpleNamespace(kind="local", n_workers=2, cluster=None), "cpu") == 4
     assert _io_threads(SimpleNamespace(kind="remote", n_workers=1, cluster=None), "cuda") == 4
 

@@ -174,6 +174,38 @@ def test_gpu_spec_cluster_pins_one_device_per_worker():
         assert {e["CUDA_VISIBLE_DEVICES"] for e in seen} <= {"0", "1"}
 
 
+def test_several_workers_share_a_gpu_each_pinned_to_it():
+    """Workers beyond the GPU count go round the devices in turn, each seeing only its own device and
+    offering GPU=1 (run on CPU with device ids given explicitly: the spec, its env and resources are
+    what a GPU machine gets)."""
+    import dask
+    from distributed import Client
+
+    from cluster.targets import NO_MALLOC_TRIM, gpu_spec_cluster
+
+    with dask.config.set(NO_MALLOC_TRIM):
+        spec = gpu_spec_cluster(["3"], workers=2)
+    with spec, Client(spec) as client:
+        client.wait_for_workers(2, timeout=30)
+        assert sorted(spec.workers) == ["gpu-0", "gpu-0.1"]
+        info = check_workers(client, timeout=10, need_resources={"GPU": 1})
+        assert sorted(w["resources"]["GPU"] for w in info.values()) == [1, 1]
+        assert sorted(e["CUDA_VISIBLE_DEVICES"] for e in client.run(worker_env).values()) == ["3", "3"]
+
+
+def test_gpu_worker_placement_defaults_to_about_four_cores_a_worker():
+    from cluster.placement import default_workers_per_gpu, gpu_workers
+
+    assert default_workers_per_gpu(1, 16) == 4  # the H200 machine measured: 16 cores, one GPU
+    assert default_workers_per_gpu(1, 2) == 1 and default_workers_per_gpu(1, 64) == 4  # 1 to 4 per GPU
+    assert default_workers_per_gpu(8, 64) == 2 and default_workers_per_gpu(8, 16) == 1
+    assert default_workers_per_gpu(0, 16) == 0
+    assert gpu_workers(["0", "1"], None, 16) == [("gpu-0", "0"), ("gpu-1", "1"), ("gpu-0.1", "0"), ("gpu-1.1", "1")]
+    assert gpu_workers(["0", "1"], 1, 16) == [("gpu-0", "0")]  # fewer workers than GPUs: the first ones
+    assert gpu_workers(["MIG-a", "MIG-b"], 3, 4) == [("gpu-0", "MIG-a"), ("gpu-1", "MIG-b"), ("gpu-0.1", "MIG-a")]
+    assert gpu_workers([], 4, 16) == []
+
+
 def test_no_visible_gpu_means_no_gpu_ids(monkeypatch):
     """Asserts on every machine without a GPU, whichever torch build it has (a plain index gives a
     CUDA build on Linux): no GPU ids, and ``--device cuda`` is refused, never a CPU fall-back."""

@@ -15,7 +15,7 @@ def build(
     out: str = typer.Option(..., "--out", "-o", help="The store (a local path or an fsspec URL such as s3://...)."),
     image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder that relative image paths resolve against (default: each manifest's folder)."),
     cluster: str = typer.Option("local", "--cluster", help="local | sync | tcp://HOST:PORT | tls://HOST:PORT | SPEC.yaml"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Workers for --cluster local (default: one per core, or one per GPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Workers for --cluster local (default: one per core; with GPUs, about one per 4 cores, 1 to 4 per GPU, spread over the GPUs in turn)."),
     threads_per_worker: Optional[int] = typer.Option(None, "--threads-per-worker", help="Threads per local worker (default 1)."),
     chunk_pages: Optional[int] = typer.Option(None, "--chunk-pages", help="Pages per store chunk and per task (default: up to 256, from the store when resuming)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Pages per model batch."),

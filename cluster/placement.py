@@ -1,0 +1,41 @@
+"""Where local GPU workers go: pure arithmetic on device ids and cores, no I/O.
+
+A worker's CPU side (reading, decoding, cropping pages, and launching the model's
+kernels) runs under one interpreter lock, whatever its thread count. On an H200
+with 16 cores, one process prepared at most about 320 pages/s for ViT-B/16-sized
+crops on 16 threads (114 on one thread), while the GPU ran the same model at
+480-640 pages/s; a build with one worker per GPU made 210 pages/s with the GPU
+busy a quarter of the time (benchmarks/gpu_check.sh). Several
+worker processes per GPU each bring their own lock; the GPU runs their batches
+in turn. The default gives each worker about ``CORES_PER_GPU_WORKER`` cores.
+"""
+from __future__ import annotations
+
+#: Cores the default gives each GPU worker: enough threads to read and prepare pages beside the model.
+CORES_PER_GPU_WORKER = 4
+#: At most this many workers share one GPU by default (each holds its own copy of the model there).
+MAX_DEFAULT_PER_GPU = 4
+
+
+def default_workers_per_gpu(n_gpus: int, cores: int) -> int:
+    """About ``CORES_PER_GPU_WORKER`` cores per worker, 1 to ``MAX_DEFAULT_PER_GPU`` workers per GPU."""
+    if n_gpus < 1:
+        return 0
+    return max(1, min(MAX_DEFAULT_PER_GPU, cores // (CORES_PER_GPU_WORKER * n_gpus)))
+
+
+def gpu_workers(ids: list[str], workers: int | None, cores: int) -> list[tuple[str, str]]:
+    """(worker name, device id) for each local GPU worker, spread over ``ids`` in turn.
+
+    ``workers``: the total asked for (``--workers``); fewer than the GPUs uses the first ones.
+    None: ``default_workers_per_gpu`` on every GPU. Names say which of ``ids`` (by position, as
+    ids may be UUIDs): ``gpu-0``, or ``gpu-0.1`` for the second worker on the first device.
+    """
+    if not ids:
+        return []
+    total = len(ids) * default_workers_per_gpu(len(ids), cores) if workers is None else max(1, workers)
+    out = []
+    for k in range(total):
+        i, n = k % len(ids), k // len(ids)
+        out.append((f"gpu-{i}" if n == 0 else f"gpu-{i}.{n}", ids[i]))
+    return out
