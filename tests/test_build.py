@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -176,10 +177,15 @@ def test_reader_in_another_process_sees_progress_and_never_a_half_page(sample40,
     reader = subprocess.Popen([sys.executable, str(ROOT / "tests" / "poll_reader.py"), str(store), "40", str(expect_text)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
     try:
-        run_cli("build", sample40, "--out", store, "--cluster", "local", "--workers", "2", "--no-progress",
-                "--model", "models_for_tests:slow_tiny", env={"PAGECUBE_TEST_DELAY": "0.15"}, check=0)
+        built = run_cli("build", sample40, "--out", store, "--cluster", "local", "--workers", "2", "--no-progress",
+                        "--model", "models_for_tests:slow_tiny", env={"PAGECUBE_TEST_DELAY": "0.15"}, check=0)
     finally:
         out, err = reader.communicate(timeout=60)
+    # where the tasks' time went: 10 chunks of 4 pages, one forward each, each sleeping 0.15 s
+    phases = re.search(r"task time by phase, summed over tasks: model ([\d.]+) s, waiting for pages "
+                       r"\(read \+ prepare\) ([\d.]+) s, writing ([\d.]+) s$", built.stdout, re.M)
+    assert phases, built.stdout
+    assert 1.5 <= float(phases[1]) < 10 and float(phases[2]) < float(phases[1]), phases[0]
     assert reader.returncode == 0, err
     report = json.loads(out)
     assert report["bad"] == [], report["bad"][:5]
