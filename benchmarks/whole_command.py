@@ -15,7 +15,8 @@
 Runs alternate (plain, pagecube, plain, ...) and ratios are taken pair by pair,
 so a burst of someone else's load hits both sides; medians and ranges are
 printed. ``--before DIR`` times another checkout of pagecube in the same
-rotation (e.g. ``git worktree add DIR <commit>``), for before/after figures.
+rotation (e.g. ``git worktree add DIR <commit>``), for before/after figures;
+the two take turns at going first.
 """
 from __future__ import annotations
 
@@ -82,6 +83,12 @@ def plain_script(listing, workers=2) -> dict:
     return res
 
 
+def turn(trees: list, r: int) -> list:
+    """The checkouts in the order of run ``r``: each goes first every other run (in two rotations
+    with a fixed order, the checkout timed second came out ahead both times, whichever it was)."""
+    return trees if r % 2 == 0 else trees[::-1]
+
+
 def startup(wd: Workdir, listing, repeats: int, before, js) -> None:
     header("7a. start-up: --version, status, --init-only with 2 local workers")
     trees = [("after", None)] + ([("before", before)] if before else [])
@@ -101,8 +108,8 @@ def startup(wd: Workdir, listing, repeats: int, before, js) -> None:
                 figure(f"pagecube {what}: heavy modules imported", len(heavy), goal="0 (none of "
                        f"{', '.join(HEAVY)})", ok=not heavy, json_path=js, fmt="{:.0f}")
     walls: dict[str, list] = {label: [] for label, _ in trees}
-    for _ in range(repeats):
-        for label, tree in trees:
+    for r in range(repeats):
+        for label, tree in turn(trees, r):
             walls[label].append(pagecube_build(wd, listing, f"init-{label}.zarr", tree, init_only=True)["wall"])
     for label, _ in trees:
         med = median(walls[label])
@@ -121,7 +128,7 @@ def whole(wd: Workdir, listing, n: int, repeats: int, before, js) -> None:
     for r in range(repeats):
         plain = plain_script(listing)
         plains.append(plain)
-        for label, tree in trees:
+        for label, tree in turn(trees, r):
             pc = pagecube_build(wd, listing, f"whole-{label}.zarr", tree)
             rows[label].append({"pc": pc, "plain": plain})
             note(f"run {r + 1} [{label}]: plain {plain['wall']:.1f} s ({plain['steady']:.0f} pages/s steady), "
