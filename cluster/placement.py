@@ -24,18 +24,16 @@ def default_workers_per_gpu(n_gpus: int, cores: int) -> int:
     return max(1, min(MAX_DEFAULT_PER_GPU, cores // (CORES_PER_GPU_WORKER * n_gpus)))
 
 
-def gpu_workers(ids: list[str], workers: int | None, cores: int) -> list[tuple[str, str]]:
-    """(worker name, device id) for each local GPU worker, spread over ``ids`` in turn.
+def gpu_workers(ids: list[str], total: int) -> list[tuple[str, str]]:
+    """(worker name, device id) for ``total`` local GPU workers, spread over ``ids`` in turn.
 
-    ``workers``: the total asked for (``--workers``); fewer than the GPUs uses the first ones.
-    None: ``default_workers_per_gpu`` on every GPU. Names say which of ``ids`` (by position, as
-    ids may be UUIDs): ``gpu-0``, or ``gpu-0.1`` for the second worker on the first device.
+    Fewer workers than GPUs use the first ones. Names say which of ``ids`` (by position, as ids
+    may be UUIDs): ``gpu-0``, or ``gpu-0.1`` for the second worker on the first device.
     """
     if not ids:
         return []
-    total = len(ids) * default_workers_per_gpu(len(ids), cores) if workers is None else max(1, workers)
     out = []
-    for k in range(total):
+    for k in range(max(1, total)):
         i, n = k % len(ids), k // len(ids)
         out.append((f"gpu-{i}" if n == 0 else f"gpu-{i}.{n}", ids[i]))
     return out

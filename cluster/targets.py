@@ -1,8 +1,8 @@
 """Open a Dask cluster from one target string and close it cleanly.
 
-Targets: "local" (processes sized to this machine; where there are GPUs, workers
-pinned to them, by default as many per GPU as the cores feed), "sync" (no distributed, in-process debugging),
-"tcp://HOST:PORT" / "tls://HOST:PORT" (a running scheduler), or a YAML spec
+Targets: "local" (processes sized to this machine; where there are GPUs,
+workers pinned to them, as many per GPU as the cores feed), "sync" (no
+distributed, in-process debugging), "tcp://HOST:PORT" / "tls://HOST:PORT" (a running scheduler), or a YAML spec
 file for SLURM/PBS (dask-jobqueue) or Kubernetes (dask-kubernetes). Dask's
 ``MALLOC_TRIM_THRESHOLD_`` pre-spawn setting is removed before any local
 worker starts: measured, it slowed torch inference 27-49%.
@@ -211,7 +211,7 @@ def gpu_spec_cluster(ids, threads_per_worker=1, dashboard_address="127.0.0.1:0",
                 "silence_logs": logging.WARNING,
             },
         }
-        for name, dev in gpu_workers(list(ids), len(ids) if workers is None else workers, cores=0)
+        for name, dev in gpu_workers(list(ids), len(ids) if workers is None else workers)
     }
     scheduler = {
         "cls": Scheduler,

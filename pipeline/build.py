@@ -37,6 +37,9 @@ from .submit import ALLOWED_FAILURES, METRICS, WORKER_SATURATION, build_span, ru
 from .types import JobSpec
 
 MODEL_FACTORY = "pipeline.model.registry:load_model"
+#: Pages per batch on a GPU when none is given: the size the H200 figures were measured at
+#: (benchmarks/gpu_check.sh); JobSpec's 16 suits CPU workers.
+GPU_BATCH_SIZE = 64
 
 
 @dataclass
@@ -83,6 +86,11 @@ def _resolve_device(device: str, handle) -> str:
     return "cuda" if handle.gpu else "cpu"
 
 
+def _batch_size(asked: int | None, device: str) -> int:
+    """The batch asked for, else one that suits the device: a GPU wants more pages per kernel launch."""
+    return asked or (GPU_BATCH_SIZE if device == "cuda" else JobSpec.batch_size)
+
+
 def _io_threads(handle, device: str) -> int:
     """Threads that read and prepare pages in each worker's task: JobSpec's default, but on a local
     GPU cluster (workers pinned to GPUs, the model on the GPU) the cores each worker has to itself, since
@@ -123,7 +131,7 @@ def build(
     workers: int | None = None,
     threads_per_worker: int | None = None,
     chunk_pages: int | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     max_panels: int = 12,
     model: str | None = None,
     checkpoint: str | None = None,
@@ -153,6 +161,7 @@ def build(
     ``no_workers_timeout``: once the build runs, how long to wait for a worker while the
     cluster has none that can run the tasks before stopping with the finished chunks kept
     (None: 60 s on a local cluster, 600 s elsewhere; 0: wait for ever).
+    ``batch_size=None``: 16 pages on CPU workers, ``GPU_BATCH_SIZE`` on GPUs.
     ``model=None`` resumes a store with its own built-in model, else takes
     ``tiny`` for a ``checkpoint``, ``pretrained`` where it is installed and
     ``tiny`` (untrained) where not.
@@ -230,6 +239,7 @@ def build(
                                      timeout=preflight_timeout, preload_modules=worker_modules(model),
                                      warm_modules=WARM_MODULES), flag) as handle:
         dev = _resolve_device(device, handle)
+        batch_size = _batch_size(batch_size, dev)
         model_kwargs["device"] = dev
         if handle.dashboard_link:
             logs = f" (Dask's own logs: {dlog.path})" if dlog is not None else ""

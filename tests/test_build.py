@@ -259,6 +259,13 @@ def test_io_threads_follow_the_cores_of_local_gpu_workers(monkeypatch):
     assert _io_threads(SimpleNamespace(kind="remote", n_workers=1, cluster=None), "cuda") == 4
 
 
+def test_batch_size_defaults_by_device_and_keeps_what_was_asked():
+    from pipeline.build import _batch_size
+
+    assert (_batch_size(None, "cpu"), _batch_size(None, "cuda")) == (16, 64)
+    assert (_batch_size(8, "cpu"), _batch_size(8, "cuda")) == (8, 8)
+
+
 def test_cli_exit_still_flushes_output_and_runs_cleanups(sample40, tmp_path):
     """The command ends without the interpreter's slow teardown, yet its output arrives whole, its exit
     code stands and its atexit cleanups run (the spawn flag file it made in TMPDIR is gone)."""

@@ -200,10 +200,10 @@ def test_gpu_worker_placement_defaults_to_about_four_cores_a_worker():
     assert default_workers_per_gpu(1, 2) == 1 and default_workers_per_gpu(1, 64) == 4  # 1 to 4 per GPU
     assert default_workers_per_gpu(8, 64) == 2 and default_workers_per_gpu(8, 16) == 1
     assert default_workers_per_gpu(0, 16) == 0
-    assert gpu_workers(["0", "1"], None, 16) == [("gpu-0", "0"), ("gpu-1", "1"), ("gpu-0.1", "0"), ("gpu-1.1", "1")]
-    assert gpu_workers(["0", "1"], 1, 16) == [("gpu-0", "0")]  # fewer workers than GPUs: the first ones
-    assert gpu_workers(["MIG-a", "MIG-b"], 3, 4) == [("gpu-0", "MIG-a"), ("gpu-1", "MIG-b"), ("gpu-0.1", "MIG-a")]
-    assert gpu_workers([], 4, 16) == []
+    assert gpu_workers(["0", "1"], 4) == [("gpu-0", "0"), ("gpu-1", "1"), ("gpu-0.1", "0"), ("gpu-1.1", "1")]
+    assert gpu_workers(["0", "1"], 1) == [("gpu-0", "0")]  # fewer workers than GPUs: the first ones
+    assert gpu_workers(["MIG-a", "MIG-b"], 3) == [("gpu-0", "MIG-a"), ("gpu-1", "MIG-b"), ("gpu-0.1", "MIG-a")]
+    assert gpu_workers([], 4) == []
 
 
 def test_no_visible_gpu_means_no_gpu_ids(monkeypatch):
