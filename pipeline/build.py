@@ -91,6 +91,18 @@ def _batch_size(asked: int | None, device: str) -> int:
     return asked or (GPU_BATCH_SIZE if device == "cuda" else JobSpec.batch_size)
 
 
+def _task_slots(handle, resources: dict | None) -> int:
+    """Tasks the cluster runs at once: one per thread, or one per worker where tasks ask for its GPU."""
+    if handle.client is None:
+        return 1
+    spec = getattr(handle.cluster, "worker_spec", None)  # a local cluster's workers, joined or not yet
+    if spec:
+        threads = [int((s.get("options") or {}).get("nthreads") or 1) for s in spec.values()]
+    else:
+        threads = list(handle.client.nthreads().values())
+    return max(1, len(threads) if resources else sum(threads))
+
+
 def _io_threads(handle, device: str) -> int:
     """Threads that read and prepare pages in each worker's task: JobSpec's default, but on a local
     GPU cluster (workers pinned to GPUs, the model on the GPU) the cores each worker has to itself, since
@@ -220,7 +232,6 @@ def build(
             model = existing.model  # rerunning the same command resumes, whatever is installed now
     if fallback and model == "tiny":
         say(UNTRAINED_NOTICE)
-    chunk_pages = chunk_pages or default_chunk_pages(n_pages)
 
     from cluster import NoWorkers, install_event_counters, install_resident, open_cluster
     from cluster.logs import dask_logs_to_file
@@ -248,6 +259,7 @@ def build(
         for line in check_cluster(handle, dev, preflight_timeout):
             say(f"pagecube: warning: {line}")
         resources = {"GPU": 1} if dev == "cuda" and client is not None else None
+        chunk_pages = chunk_pages or default_chunk_pages(n_pages, _task_slots(handle, resources))
         check_store(handle, loc)  # before the model loads: a store only this machine sees is refused in seconds
         check_pages(handle, source, image_root, max_panels)
         try:

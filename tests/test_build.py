@@ -266,6 +266,25 @@ def test_batch_size_defaults_by_device_and_keeps_what_was_asked():
     assert (_batch_size(8, "cpu"), _batch_size(8, "cuda")) == (8, 8)
 
 
+def test_default_chunks_of_a_large_corpus_fill_the_last_round_of_tasks(sample40, tmp_path):
+    """From 2,048 pages on, equal chunks of at most 256 whose count is a multiple of the tasks the cluster
+    runs at once (the last round keeps every worker busy); smaller corpora keep ~n/8 powers of two."""
+    from pipeline.plan import default_chunk_pages
+
+    assert [default_chunk_pages(n, 2) for n in (40, 1000, 2048, 3000, 4000, 4001)] == [8, 64, 256, 250, 250, 251]
+    assert default_chunk_pages(4000, 1) == 250 and default_chunk_pages(10_000, 8) == 250
+    assert default_chunk_pages(3000) == default_chunk_pages(3000, 1)
+    # the slots come from the cluster: 2 local workers x 1 thread, 3000 pages (sample40's pages, repeated)
+    lines = [str(sample40.parent / line) for line in sample40.read_text().split()] * 75
+    listing = tmp_path / "pages3000.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "big.zarr"
+    proc = run_cli("build", listing, "--out", out, "--workers", "2", "--model", "tiny", "--no-progress",
+                   "--init-only", check=0)
+    assert "(12 chunks of 250)" in proc.stderr, proc.stderr
+    assert xr.open_zarr(out)["status"].encoding["chunks"] == (250,)
+
+
 def test_cli_exit_still_flushes_output_and_runs_cleanups(sample40, tmp_path):
     """The command ends without the interpreter's slow teardown, yet its output arrives whole, its exit
     code stands and its atexit cleanups run (the spawn flag file it made in TMPDIR is gone)."""

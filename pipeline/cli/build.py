@@ -17,7 +17,7 @@ def build(
     cluster: str = typer.Option("local", "--cluster", help="local | sync | tcp://HOST:PORT | tls://HOST:PORT | SPEC.yaml"),
     workers: Optional[int] = typer.Option(None, "--workers", help="Workers for --cluster local (default: one per core; with GPUs, about one per 4 cores, 1 to 4 per GPU, spread over the GPUs in turn)."),
     threads_per_worker: Optional[int] = typer.Option(None, "--threads-per-worker", help="Threads per local worker (default 1)."),
-    chunk_pages: Optional[int] = typer.Option(None, "--chunk-pages", help="Pages per store chunk and per task (default: up to 256, from the store when resuming)."),
+    chunk_pages: Optional[int] = typer.Option(None, "--chunk-pages", help="Pages per store chunk and per task (default: up to 256, in equal chunks whose count is a multiple of the tasks running at once; from the store when resuming)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pages per model batch (default 16 on CPU, 64 on GPU)."),
     max_panels: int = typer.Option(12, "--max-panels", help="Panel cap: panel slots per page."),
     model: Optional[str] = typer.Option(None, "--model", help="tiny | pretrained | closure-lite-base | package.module:factory (default: the store's model when resuming, else pretrained where installed, else tiny, untrained)."),
