@@ -5,9 +5,9 @@ kernels) runs under one interpreter lock, whatever its thread count. On an H200
 with 16 cores, one process prepared at most about 320 pages/s for ViT-B/16-sized
 crops on 16 threads (114 on one thread), while the GPU ran the same model at
 480-640 pages/s; a build with one worker per GPU made 210 pages/s with the GPU
-busy a quarter of the time (benchmarks/gpu_check.sh). Several
-worker processes per GPU each bring their own lock; the GPU runs their batches
-in turn. The default gives each worker about ``CORES_PER_GPU_WORKER`` cores.
+busy a quarter of the time (benchmarks/gpu_check.sh). Several worker processes
+per GPU each bring their own lock; the GPU runs their batches in turn. The
+default gives each worker about ``CORES_PER_GPU_WORKER`` cores.
 """
 from __future__ import annotations
 

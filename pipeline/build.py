@@ -91,15 +91,17 @@ def _batch_size(asked: int | None, device: str) -> int:
     return asked or (GPU_BATCH_SIZE if device == "cuda" else JobSpec.batch_size)
 
 
+def _local_threads(handle) -> list[int] | None:
+    """Threads of each worker a local cluster started, joined or not yet; None for other clusters."""
+    spec = getattr(handle.cluster, "worker_spec", None)
+    return [int((s.get("options") or {}).get("nthreads") or 1) for s in spec.values()] if spec else None
+
+
 def _task_slots(handle, resources: dict | None) -> int:
     """Tasks the cluster runs at once: one per thread, or one per worker where tasks ask for its GPU."""
     if handle.client is None:
         return 1
-    spec = getattr(handle.cluster, "worker_spec", None)  # a local cluster's workers, joined or not yet
-    if spec:
-        threads = [int((s.get("options") or {}).get("nthreads") or 1) for s in spec.values()]
-    else:
-        threads = list(handle.client.nthreads().values())
+    threads = _local_threads(handle) or list(handle.client.nthreads().values())
     return max(1, len(threads) if resources else sum(threads))
 
 
@@ -108,8 +110,8 @@ def _io_threads(handle, device: str) -> int:
     GPU cluster (workers pinned to GPUs, the model on the GPU) the cores each worker has to itself, since
     reading and preparing pages is then all the CPU does and 4 threads starve a fast GPU."""
     default = JobSpec.io_threads
-    spec = getattr(handle.cluster, "worker_spec", None)  # the workers started, joined or not yet
-    n_workers = len(spec) if spec else handle.n_workers
+    local = _local_threads(handle)
+    n_workers = len(local) if local else handle.n_workers
     if device != "cuda" or handle.kind != "local" or n_workers < 1:
         return default
     from dask.system import CPU_COUNT
