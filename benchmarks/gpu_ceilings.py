@@ -34,12 +34,12 @@ def main() -> None:
 
     import torch
 
-    from pipeline.inputs import PageRef, parent
+    from pipeline.inputs import PageSource
     from pipeline.manifest import read_page
     from pipeline.model import load_model
 
-    paths = [ln.strip() for ln in open(a.pages) if ln.strip()]
-    refs = [PageRef(label=p, path=p, base_dir=parent(p)) for p in paths]
+    source = PageSource(a.pages)  # the build's own reading of a page list (relative lines, JSONL, URLs)
+    refs = source.slice(0, min(len(source), 256)).refs()
     model = load_model(a.model, device=a.device)
 
     def load(ref):

@@ -2,10 +2,11 @@
 
 Targets: "local" (processes sized to this machine; where there are GPUs,
 workers pinned to them, as many per GPU as the cores feed), "sync" (no
-distributed, in-process debugging), "tcp://HOST:PORT" / "tls://HOST:PORT" (a running scheduler), or a YAML spec
-file for SLURM/PBS (dask-jobqueue) or Kubernetes (dask-kubernetes). Dask's
-``MALLOC_TRIM_THRESHOLD_`` pre-spawn setting is removed before any local
-worker starts: measured, it slowed torch inference 27-49%.
+distributed, in-process debugging), "tcp://HOST:PORT" / "tls://HOST:PORT" (a
+running scheduler), or a YAML spec file for SLURM/PBS (dask-jobqueue) or
+Kubernetes (dask-kubernetes). Dask's ``MALLOC_TRIM_THRESHOLD_`` pre-spawn
+setting is removed before any local worker starts: measured, it slowed torch
+inference 27-49%.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ calls it again for Python callers, a no-op after the first): the forkserver
 (``cluster.forkserver``) then imports distributed, torch and the model on
 another core while the client imports xarray, Dask and distributed and reads
 the page list; the cluster's workers are forked from it, ready. Only for
-``--cluster local`` on CPU: GPU workers are still spawned, one per device.
+``--cluster local`` on CPU: GPU workers are still spawned, pinned to their devices.
 """
 from __future__ import annotations
 
