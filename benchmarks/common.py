@@ -212,15 +212,22 @@ def _plain_worker(args):
 
 
 def plain_limit(listing: Path, n_pages: int, workers: int, model: str = "tiny", batch_size: int = 16,
-                max_panels: int = 12, io_threads: int = 4) -> dict:
+                max_panels: int = 12, io_threads: int | None = None) -> dict:
     """pages/s of ``workers`` independent spawned processes, each reading+preparing+forwarding its share.
 
     Each process has torch at 1 thread and (like a pagecube worker) prepares pages
-    in a pool of ``io_threads`` threads ahead of the model (0: one page after the other).
+    in a pool of ``io_threads`` threads ahead of the model (0: one page after the other; None: as many as
+    a pagecube worker of a local CPU cluster of ``workers`` gets, ``cluster.placement.read_threads``).
     The clock starts at a common barrier after every model is loaded.
     """
     import multiprocessing as mp
 
+    if io_threads is None:
+        from dask.system import CPU_COUNT
+
+        from cluster.placement import read_threads
+
+        io_threads = read_threads(CPU_COUNT // workers, gpu=False)
     ctx = mp.get_context("spawn")
     barrier, queue = ctx.Barrier(workers), ctx.Queue()
     bounds = [(n_pages * i // workers, n_pages * (i + 1) // workers) for i in range(workers)]

@@ -105,18 +105,24 @@ def _task_slots(handle, resources: dict | None) -> int:
     return max(1, len(threads) if resources else sum(threads))
 
 
-def _io_threads(handle, device: str) -> int:
-    """Threads that read and prepare pages in each worker's task: JobSpec's default, but on a local
-    GPU cluster (workers pinned to GPUs, the model on the GPU) the cores each worker has to itself, since
-    reading and preparing pages is then all the CPU does and 4 threads starve a fast GPU."""
-    default = JobSpec.io_threads
+def _io_threads(handle, device: str, remote_pages: bool = False) -> int:
+    """Threads that read and prepare pages in each worker's task: on a local cluster, from the cores
+    each worker has to itself (``cluster.placement.read_threads``); elsewhere (a remote scheduler,
+    SLURM, Kubernetes: their cores are not known here) JobSpec's default."""
     local = _local_threads(handle)
     n_workers = len(local) if local else handle.n_workers
-    if device != "cuda" or handle.kind != "local" or n_workers < 1:
-        return default
+    if handle.kind != "local" or n_workers < 1:
+        return JobSpec.io_threads
     from dask.system import CPU_COUNT
 
-    return max(default, int(CPU_COUNT) // n_workers)
+    from cluster.placement import read_threads
+
+    return read_threads(int(CPU_COUNT) // n_workers, gpu=device == "cuda", remote_pages=remote_pages)
+
+
+def _remote(*urls: str | None) -> bool:
+    """Whether any of the page list, image root, ... is a URL (object storage, HTTP) rather than a local path."""
+    return any(u and "://" in str(u) and not str(u).startswith("file://") for u in urls)
 
 
 def _model_info(client, resident: str, factory: str, kwargs: dict) -> dict:
@@ -322,7 +328,7 @@ def build(
                 embedding_dim=config.embedding_dim, embedding_dtype=embedding_dtype,
                 model_resident=resident, model_factory=MODEL_FACTORY, model_kwargs=model_kwargs,
                 image_root=image_root, batch_size=batch_size, retry_failed=retry_failed, verify=verify,
-                io_threads=_io_threads(handle, dev),
+                io_threads=_io_threads(handle, dev, _remote(pages, image_root)),
             )
             already = sum(e.done for c, e in entries.items() if c in complete)
             bar = Progress(plan.pages_planned, already_done=already, enabled=progress)

@@ -239,14 +239,18 @@ def test_summary_by_page_id_or_position(small_store):
     assert "Traceback" not in proc.stderr
 
 
-def test_io_threads_follow_the_cores_of_local_gpu_workers(monkeypatch):
-    """--device cuda on a local cluster: each GPU worker reads and prepares pages on its share of the
-    cores (4 threads starve a fast GPU); CPU and remote builds keep the default."""
+def test_io_threads_follow_the_cores_of_local_workers(monkeypatch):
+    """On a local cluster each worker reads and prepares pages on its share of the cores: GPU workers
+    at least 4 (fewer starve a fast GPU), CPU workers at least 2 (the model shares those cores), and
+    at least 4 again where pages come over the network; remote clusters keep the default."""
     from types import SimpleNamespace
 
     import dask.system
 
-    from pipeline.build import _io_threads
+    from pipeline.build import _io_threads, _remote
+
+    def workers(n):
+        return SimpleNamespace(worker_spec={f"w{i}": {} for i in range(n)})
 
     monkeypatch.setattr(dask.system, "CPU_COUNT", 16)
     one_gpu = SimpleNamespace(worker_spec={"gpu-0": {}})
@@ -255,8 +259,14 @@ def test_io_threads_follow_the_cores_of_local_gpu_workers(monkeypatch):
     assert _io_threads(SimpleNamespace(kind="local", n_workers=8, cluster=None), "cuda") == 4
     two_on_one = SimpleNamespace(worker_spec={"gpu-0": {}, "gpu-0.1": {}})  # two workers share the GPU
     assert _io_threads(SimpleNamespace(kind="local", n_workers=0, cluster=two_on_one), "cuda") == 8
-    assert _io_threads(SimpleNamespace(kind="local", n_workers=2, cluster=None), "cpu") == 4
+    # CPU: the default local cluster is a worker per core, whose model shares that core
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=16, cluster=workers(16)), "cpu") == 2
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=16, cluster=workers(16)), "cpu", True) == 4
+    assert _io_threads(SimpleNamespace(kind="local", n_workers=2, cluster=workers(2)), "cpu") == 8
     assert _io_threads(SimpleNamespace(kind="remote", n_workers=1, cluster=None), "cuda") == 4
+    assert _io_threads(SimpleNamespace(kind="remote", n_workers=16, cluster=None), "cpu") == 4
+    assert _remote("s3://bucket/pages.txt", None) and _remote("pages.txt", "https://host/images")
+    assert not _remote("pages.txt", None) and not _remote("file:///data/pages.txt", "/data/images")
 
 
 def test_batch_size_defaults_by_device_and_keeps_what_was_asked():
