@@ -20,7 +20,7 @@ import dask
 
 from . import __version__
 from .errors import BadArgument, BuildError
-from .inputs import InputError, PageSource
+from .inputs import InputError, PageSource, over_network
 from .model.protocol import info_dict as _info_of
 from .model.registry import BUILTIN, UNTRAINED_NOTICE, ModelNotFound, check_model, default_model, resolve_factory
 from .plan import default_chunk_pages, plan_build
@@ -118,11 +118,6 @@ def _io_threads(handle, device: str, remote_pages: bool = False) -> int:
     from cluster.placement import read_threads
 
     return read_threads(int(CPU_COUNT) // n_workers, gpu=device == "cuda", remote_pages=remote_pages)
-
-
-def _remote(*urls: str | None) -> bool:
-    """Whether any of the page list, image root, ... is a URL (object storage, HTTP) rather than a local path."""
-    return any(u and "://" in str(u) and not str(u).startswith("file://") for u in urls)
 
 
 def _model_info(client, resident: str, factory: str, kwargs: dict) -> dict:
@@ -328,7 +323,7 @@ def build(
                 embedding_dim=config.embedding_dim, embedding_dtype=embedding_dtype,
                 model_resident=resident, model_factory=MODEL_FACTORY, model_kwargs=model_kwargs,
                 image_root=image_root, batch_size=batch_size, retry_failed=retry_failed, verify=verify,
-                io_threads=_io_threads(handle, dev, _remote(pages, image_root)),
+                io_threads=_io_threads(handle, dev, over_network(pages) or over_network(image_root)),
             )
             already = sum(e.done for c, e in entries.items() if c in complete)
             bar = Progress(plan.pages_planned, already_done=already, enabled=progress)

@@ -35,6 +35,12 @@ def _is_url(p: str) -> bool:
     return "://" in p
 
 
+def over_network(path: str | None) -> bool:
+    """Whether reading ``path`` (a page list, an image root) goes over the network: a URL other than
+    ``file://`` (object storage, HTTP)."""
+    return bool(path) and _is_url(str(path)) and not str(path).startswith("file://")
+
+
 def join_path(base: str, rel: str) -> str:
     """Resolve ``rel`` against folder ``base`` (local paths or URLs)."""
     if not rel or _is_url(rel) or rel.startswith("/") or not base:

@@ -247,7 +247,8 @@ def test_io_threads_follow_the_cores_of_local_workers(monkeypatch):
 
     import dask.system
 
-    from pipeline.build import _io_threads, _remote
+    from pipeline.build import _io_threads
+    from pipeline.inputs import over_network
 
     def workers(n):
         return SimpleNamespace(worker_spec={f"w{i}": {} for i in range(n)})
@@ -265,8 +266,9 @@ def test_io_threads_follow_the_cores_of_local_workers(monkeypatch):
     assert _io_threads(SimpleNamespace(kind="local", n_workers=2, cluster=workers(2)), "cpu") == 8
     assert _io_threads(SimpleNamespace(kind="remote", n_workers=1, cluster=None), "cuda") == 4
     assert _io_threads(SimpleNamespace(kind="remote", n_workers=16, cluster=None), "cpu") == 4
-    assert _remote("s3://bucket/pages.txt", None) and _remote("pages.txt", "https://host/images")
-    assert not _remote("pages.txt", None) and not _remote("file:///data/pages.txt", "/data/images")
+    assert over_network("s3://bucket/pages.txt") and over_network("https://host/images")
+    assert not over_network("pages.txt") and not over_network(None)
+    assert not over_network("file:///data/pages.txt") and not over_network("/data/images")
 
 
 def test_batch_size_defaults_by_device_and_keeps_what_was_asked():
