@@ -16,8 +16,8 @@ from __future__ import annotations
 CORES_PER_GPU_WORKER = 4
 #: At most this many workers share one GPU by default (each holds its own copy of the model there).
 MAX_DEFAULT_PER_GPU = 4
-#: Threads that read and prepare pages where a worker's cores are not known, and the fewest a GPU
-#: worker or a worker whose pages come over the network gets.
+#: The fewest threads that read and prepare pages on a GPU worker, or on a worker whose pages come
+#: over the network.
 READ_THREADS = 4
 #: The fewest a CPU worker reading local files gets: one prepares while another waits on the disk.
 MIN_CPU_READ_THREADS = 2

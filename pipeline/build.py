@@ -105,14 +105,14 @@ def _task_slots(handle, resources: dict | None) -> int:
     return max(1, len(threads) if resources else sum(threads))
 
 
-def _io_threads(handle, device: str, remote_pages: bool = False) -> int:
-    """Threads that read and prepare pages in each worker's task: on a local cluster, from the cores
-    each worker has to itself (``cluster.placement.read_threads``); elsewhere (a remote scheduler,
-    SLURM, Kubernetes: their cores are not known here) JobSpec's default."""
+def _io_threads(handle, device: str, remote_pages: bool = False) -> int | None:
+    """Threads that read and prepare pages in each worker's task on a local cluster, from the cores
+    each worker has to itself (``cluster.placement.read_threads``; its Dask threads are 1, not its
+    cores). Elsewhere None: each task asks the worker it runs on (``tasks._read_threads``)."""
     local = _local_threads(handle)
     n_workers = len(local) if local else handle.n_workers
     if handle.kind != "local" or n_workers < 1:
-        return JobSpec.io_threads
+        return None
     from dask.system import CPU_COUNT
 
     from cluster.placement import read_threads
@@ -317,13 +317,14 @@ def build(
             plan = plan_build(n_pages, chunk_pages, complete)
             if plan.complete_chunks:
                 say(f"pagecube: resuming: {plan.complete_chunks} of {plan.n_chunks} chunks already complete")
+            remote_pages = over_network(pages) or over_network(image_root)
             job = JobSpec(
                 store_url=loc.url, storage_options=loc.storage_options, run_id=lock.info.run_id,
                 n_pages=n_pages, chunk_pages=chunk_pages, max_panels=max_panels,
                 embedding_dim=config.embedding_dim, embedding_dtype=embedding_dtype,
                 model_resident=resident, model_factory=MODEL_FACTORY, model_kwargs=model_kwargs,
                 image_root=image_root, batch_size=batch_size, retry_failed=retry_failed, verify=verify,
-                io_threads=_io_threads(handle, dev, over_network(pages) or over_network(image_root)),
+                io_threads=_io_threads(handle, dev, remote_pages), pages_over_network=remote_pages,
             )
             already = sum(e.done for c, e in entries.items() if c in complete)
             bar = Progress(plan.pages_planned, already_done=already, enabled=progress)

@@ -37,7 +37,7 @@ from .store.writer import open_store_group, read_region, region_counts, verify_r
 from .types import ChunkTask, JobSpec, Receipt
 
 logger = logging.getLogger("pagecube.tasks")
-_io_pool: ThreadPoolExecutor | None = None
+_io_pools: dict[int, ThreadPoolExecutor] = {}  # by thread count: builds on a long-lived worker may differ
 MAX_REASONS = 5
 _model_lock = threading.Lock()  # one batch at a time through the resident model
 _batch_cap: int | None = None  # pages per forward after a CUDA out-of-memory back-off
@@ -111,10 +111,30 @@ def _let_next_task_start() -> bool:
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    global _io_pool
-    if _io_pool is None:
-        _io_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pagecube-read")
-    return _io_pool
+    pool = _io_pools.get(threads)
+    if pool is None:
+        pool = _io_pools.setdefault(threads, ThreadPoolExecutor(threads, thread_name_prefix="pagecube-read"))
+    return pool
+
+
+def _read_threads(job: JobSpec, model) -> int:
+    """Threads that read and prepare this task's pages: the build's count on a local cluster; else from
+    the cores of this worker, which are its Dask threads (``dask worker --nthreads``, dask-jobqueue's
+    cores / processes), or this machine's cores off a worker (``--cluster sync``)."""
+    if job.io_threads:
+        return job.io_threads
+    from cluster.placement import read_threads
+
+    try:
+        from distributed import get_worker
+
+        cores = get_worker().state.nthreads
+    except Exception:
+        from dask.system import CPU_COUNT
+
+        cores = CPU_COUNT
+    gpu = str(getattr(model, "device", "")).startswith("cuda")
+    return read_threads(cores, gpu=gpu, remote_pages=job.pages_over_network)
 
 
 @contextmanager
@@ -332,7 +352,8 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
     with _meter("read"):
         t_read = time.perf_counter()
         todo = np.flatnonzero(~keep)
-        for i, (page, prepared, reason) in zip(todo, _pool(job.io_threads).map(load, [refs[i] for i in todo])):
+        pool = _pool(_read_threads(job, model))
+        for i, (page, prepared, reason) in zip(todo, pool.map(load, [refs[i] for i in todo])):
             i = int(i)
             if reason is not None:
                 fail(i, reason)

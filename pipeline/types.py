@@ -56,7 +56,8 @@ class JobSpec:
     batch_size: int = 16
     retry_failed: bool = False
     verify: bool = False
-    io_threads: int = 4
+    io_threads: int | None = None  # None: from the cores of the worker that runs the task (tasks._read_threads)
+    pages_over_network: bool = False  # the page list or image root is a URL: readers wait on the network
 
 
 @dataclass(frozen=True)

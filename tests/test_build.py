@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -242,7 +243,8 @@ def test_summary_by_page_id_or_position(small_store):
 def test_io_threads_follow_the_cores_of_local_workers(monkeypatch):
     """On a local cluster each worker reads and prepares pages on its share of the cores: GPU workers
     at least 4 (fewer starve a fast GPU), CPU workers at least 2 (the model shares those cores), and
-    at least 4 again where pages come over the network; remote clusters keep the default."""
+    at least 4 again where pages come over the network. Elsewhere each task asks its worker (its Dask
+    threads are its cores: tests/test_remote.py); off a worker (``--cluster sync``) this machine's."""
     from types import SimpleNamespace
 
     import dask.system
@@ -264,8 +266,18 @@ def test_io_threads_follow_the_cores_of_local_workers(monkeypatch):
     assert _io_threads(SimpleNamespace(kind="local", n_workers=16, cluster=workers(16)), "cpu") == 2
     assert _io_threads(SimpleNamespace(kind="local", n_workers=16, cluster=workers(16)), "cpu", True) == 4
     assert _io_threads(SimpleNamespace(kind="local", n_workers=2, cluster=workers(2)), "cpu") == 8
-    assert _io_threads(SimpleNamespace(kind="remote", n_workers=1, cluster=None), "cuda") == 4
-    assert _io_threads(SimpleNamespace(kind="remote", n_workers=16, cluster=None), "cpu") == 4
+    assert _io_threads(SimpleNamespace(kind="remote", n_workers=1, cluster=None), "cuda") is None
+    assert _io_threads(SimpleNamespace(kind="slurm", n_workers=16, cluster=None), "cpu") is None
+    from pipeline.tasks import _read_threads
+    from pipeline.types import JobSpec
+
+    job = JobSpec("s.zarr", {}, "run", 40, 8, 12, 64, "float32", "m", "f:m", {})
+    cpu, gpu = SimpleNamespace(device="cpu"), SimpleNamespace(device="cuda")
+    assert (_read_threads(job, cpu), _read_threads(job, gpu)) == (16, 16)
+    monkeypatch.setattr(dask.system, "CPU_COUNT", 1)
+    assert (_read_threads(job, cpu), _read_threads(job, gpu)) == (2, 4)
+    assert _read_threads(replace(job, pages_over_network=True), cpu) == 4
+    assert _read_threads(replace(job, io_threads=3), gpu) == 3
     assert over_network("s3://bucket/pages.txt") and over_network("https://host/images")
     assert not over_network("pages.txt") and not over_network(None)
     assert not over_network("file:///data/pages.txt") and not over_network("/data/images")

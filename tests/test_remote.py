@@ -1,6 +1,6 @@
 """Builds on clusters started with the `dask scheduler` / `dask worker` commands (issue 4).
 
-A plain-TCP scheduler with two single-thread workers and a TLS scheduler with
+A plain-TCP scheduler with a 3-thread and a 1-thread worker and a TLS scheduler with
 temporary certificates, all bound to 127.0.0.1; each build must equal a local
 build of the same pages. Pre-flight failures (no GPU workers, a model that does
 not load, a store the workers cannot write or do not share, pagecube/zarr
@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -75,8 +76,8 @@ class DaskProcs:
         self.procs.append(p)
         return p
 
-    def add_worker(self, name, env=None):
-        return self._spawn(name, ["worker", self.address, "--nthreads", "1", "--host", "127.0.0.1",
+    def add_worker(self, name, env=None, nthreads=1):
+        return self._spawn(name, ["worker", self.address, "--nthreads", str(nthreads), "--host", "127.0.0.1",
                                   "--no-dashboard", *self.tls_args], env or _env())
 
     def wait_workers(self, n, security=None, timeout=60):
@@ -102,8 +103,8 @@ class DaskProcs:
 def clusters(tmp_path_factory):
     """Both clusters, started at once (they come up while the reference store is built).
 
-    tcp: `dask scheduler` + two `dask worker --nthreads 1`, the second reporting another torch
-    version; tls: a scheduler and one worker with temporary certificates.
+    tcp: `dask scheduler` + `dask worker --nthreads 3` and `--nthreads 1`, the second reporting
+    another torch version; tls: a scheduler and one worker with temporary certificates.
     """
     from cluster.tls import write_temporary_certs
 
@@ -115,7 +116,7 @@ def clusters(tmp_path_factory):
     try:
         tcp = DaskProcs(tmp)
         started.append(tcp)
-        tcp.add_worker("worker-a")
+        tcp.add_worker("worker-a", nthreads=3)
         tcp.add_worker("worker-b", _env({"torch": "2.0.0"}, tmp))
         tls = DaskProcs(tls_tmp, tls_args, protocol="tls")
         started.append(tls)
@@ -180,6 +181,11 @@ def test_build_on_dask_scheduler_and_workers(tcp_cluster, reference, sample40, t
     with Client(tcp_cluster.address, timeout=30) as c:
         # workers run without MALLOC_TRIM_THRESHOLD_
         assert all(v is None for v in c.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_")).values())
+        # each worker read pages on as many threads as its cores, which are its Dask threads here
+        # (at least 2 on CPU): 3 on the 3-thread worker, 2 on the 1-thread one
+        readers = c.run(lambda: sum(t.name.startswith("pagecube-read") for t in threading.enumerate()))
+        nthreads = c.nthreads()
+        assert sorted((nthreads[w], n) for w, n in readers.items()) == [(1, 2), (3, 3)], (readers, nthreads)
         # the build's span, with fine performance metrics for reading, inference and writing
         deadline = time.monotonic() + 20
         while True:
