@@ -169,6 +169,52 @@ def store_counter(reset: bool = False) -> dict:
     return out
 
 
+# --- CPU time by thread: where a worker's time goes beside the plain processes' ---------------------
+
+#: A thread's role, from its name: the read pools (named alike on both sides), the thread that runs the
+#: model (the plain process's main thread, a Dask worker's task thread), and a worker's own threads.
+THREAD_ROLES = (("pagecube-read", "read + prepare"), ("Dask-Default-Threads", "model (task thread)"),
+                ("zarr_io", "zarr I/O"))
+
+
+def thread_cpu(main_role: str = "event loop") -> dict[str, float]:
+    """CPU seconds so far of this process's threads, summed by role (Linux ``/proc``; {} elsewhere).
+    ``main_role``: what the main thread does here (a Dask worker's runs its event loop)."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    main = threading.main_thread().native_id
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = names.get(int(tid), "")
+        role = main_role if int(tid) == main else next(
+            (r for key, r in THREAD_ROLES if key in name), "other threads")
+        out[role] = out.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_delta(after: dict, before: dict) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0) > 0}
+
+
+def add_up(parts) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for part in parts:
+        for k, v in part.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
 # --- the plain-process limit: same preprocessing + forward, no Dask, no writes -------------------
 
 def _plain_worker(args):
@@ -194,9 +240,11 @@ def _plain_worker(args):
     barrier.wait()
     t0 = time.perf_counter()
     c0 = time.process_time()
+    threads0 = thread_cpu("model (task thread)")
     done = 0
     pending = []
-    pages = ThreadPoolExecutor(io_threads).map(load, refs) if io_threads else map(load, refs)
+    pool = ThreadPoolExecutor(io_threads, thread_name_prefix="pagecube-read") if io_threads else None
+    pages = pool.map(load, refs) if pool else map(load, refs)
     for prepared in pages:
         if prepared is None:
             continue
@@ -208,7 +256,8 @@ def _plain_worker(args):
     if pending:
         m.forward(m.collate(pending))
         done += len(pending)
-    queue.put((done, time.perf_counter() - t0, time.process_time() - c0))
+    queue.put((done, time.perf_counter() - t0, time.process_time() - c0,
+               cpu_delta(thread_cpu("model (task thread)"), threads0)))
 
 
 def plain_limit(listing: Path, n_pages: int, workers: int, model: str = "tiny", batch_size: int = 16,
@@ -239,7 +288,8 @@ def plain_limit(listing: Path, n_pages: int, workers: int, model: str = "tiny", 
     for p in procs:
         p.join()
     pages = sum(r[0] for r in results)
-    return {"pages_per_s": pages / max(r[1] for r in results), "cpu_per_page": sum(r[2] for r in results) / pages}
+    return {"pages_per_s": pages / max(r[1] for r in results), "cpu_per_page": sum(r[2] for r in results) / pages,
+            "threads": add_up(r[3] for r in results)}
 
 
 def _cpu_seconds() -> float:
@@ -309,15 +359,15 @@ class LocalDask:
             "name": kwargs["model"], "max_panels": kwargs.get("max_panels", 12), "embedding_dim": None,
             "checkpoint": None, "seed": 0, "device": "cpu"})
         self.warm(listing, out, kwargs)
-        c0 = self.cpu()
+        c0, t0 = self.cpu(), self.client.run(thread_cpu)
         res = build(str(listing), str(out), cluster=self.address, device="cpu", progress=False, **kwargs)
-        c1 = self.cpu()
+        c1, t1 = self.cpu(), self.client.run(thread_cpu)
         if res.done != res.planned_pages:
             raise RuntimeError(f"build left {res.planned_pages - res.done} pages not done: {res.reasons[:2]}")
         n = max(1, res.planned_pages)
         return {"pages_per_s": res.pages_per_s, "cpu_per_page": (c1[0] - c0[0] + c1[1] - c0[1]) / n,
                 "worker_cpu_per_page": (c1[0] - c0[0]) / n, "client_cpu_per_page": (c1[1] - c0[1]) / n,
-                "seconds": res.seconds}
+                "seconds": res.seconds, "threads": add_up(cpu_delta(t1[w], t0.get(w, {})) for w in t1)}
 
 
 def load_average() -> str:

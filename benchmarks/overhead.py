@@ -46,6 +46,20 @@ def measure(wd: Workdir, listing, n_pages: int, model: str, workers_list, batch_
              f"{1000 * built['cpu_per_page']:.1f} (workers {1000 * built['worker_cpu_per_page']:.1f} + client and "
              f"scheduler {1000 * built['client_cpu_per_page']:.1f}); measured in "
              f"{time.perf_counter() - t:.0f} s; load average {load0} -> {load_average()}")
+        where_it_goes(f"{model} W={w}", limit, built, n_pages)
+
+
+def where_it_goes(label: str, limit: dict, built: dict, n_pages: int) -> None:
+    """CPU ms per page by thread role on both sides (Linux): the threads the two share, and pagecube's own."""
+    plain, workers = limit.get("threads") or {}, built.get("threads") or {}
+    if not plain or not workers:
+        return
+    roles = [r for r in ("read + prepare", "model (task thread)", "event loop", "zarr I/O", "other threads")
+             if r in plain or r in workers]
+    cells = [f"{r} {1000 * plain.get(r, 0.0) / n_pages:.2f} / {1000 * workers.get(r, 0.0) / n_pages:.2f}"
+             for r in roles]
+    note(f"{label}: CPU ms/page by thread, plain / pagecube workers: {'; '.join(cells)}; pagecube's client "
+         f"process {1000 * built['client_cpu_per_page']:.2f}")
 
 
 def main(argv=None) -> None:
