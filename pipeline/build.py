@@ -105,19 +105,17 @@ def _task_slots(handle, resources: dict | None) -> int:
     return max(1, len(threads) if resources else sum(threads))
 
 
-def _io_threads(handle, device: str, remote_pages: bool = False) -> int | None:
-    """Threads that read and prepare pages in each worker's task on a local cluster, from the cores
-    each worker has to itself (``cluster.placement.read_threads``; its Dask threads are 1, not its
-    cores). Elsewhere None: each task asks the worker it runs on (``tasks._read_threads``)."""
+def _worker_cores(handle) -> int | None:
+    """The cores each worker of a local cluster has to itself (its Dask threads are 1, not its cores),
+    from which its tasks size their read threads (``tasks._read_threads``); None elsewhere: a task
+    asks the worker it runs on."""
     local = _local_threads(handle)
     n_workers = len(local) if local else handle.n_workers
     if handle.kind != "local" or n_workers < 1:
         return None
     from dask.system import CPU_COUNT
 
-    from cluster.placement import read_threads
-
-    return read_threads(int(CPU_COUNT) // n_workers, gpu=device == "cuda", remote_pages=remote_pages)
+    return int(CPU_COUNT) // n_workers
 
 
 def _model_info(client, resident: str, factory: str, kwargs: dict) -> dict:
@@ -317,14 +315,14 @@ def build(
             plan = plan_build(n_pages, chunk_pages, complete)
             if plan.complete_chunks:
                 say(f"pagecube: resuming: {plan.complete_chunks} of {plan.n_chunks} chunks already complete")
-            remote_pages = over_network(pages) or over_network(image_root)
             job = JobSpec(
                 store_url=loc.url, storage_options=loc.storage_options, run_id=lock.info.run_id,
                 n_pages=n_pages, chunk_pages=chunk_pages, max_panels=max_panels,
                 embedding_dim=config.embedding_dim, embedding_dtype=embedding_dtype,
                 model_resident=resident, model_factory=MODEL_FACTORY, model_kwargs=model_kwargs,
                 image_root=image_root, batch_size=batch_size, retry_failed=retry_failed, verify=verify,
-                io_threads=_io_threads(handle, dev, remote_pages), pages_over_network=remote_pages,
+                worker_cores=_worker_cores(handle),
+                pages_over_network=over_network(pages) or over_network(image_root),
             )
             already = sum(e.done for c, e in entries.items() if c in complete)
             bar = Progress(plan.pages_planned, already_done=already, enabled=progress)

@@ -117,23 +117,24 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return pool
 
 
-def _read_threads(job: JobSpec, model) -> int:
-    """Threads that read and prepare this task's pages: the build's count on a local cluster; else from
-    the cores of this worker, which are its Dask threads (``dask worker --nthreads``, dask-jobqueue's
-    cores / processes), or this machine's cores off a worker (``--cluster sync``)."""
-    if job.io_threads:
-        return job.io_threads
+def _read_threads(job: JobSpec) -> int:
+    """Threads that read and prepare this task's pages (``cluster.placement.read_threads``), from the
+    cores of this worker: its share of the machine on a local cluster (sent by the build); else its
+    Dask threads (``dask worker --nthreads``, dask-jobqueue's cores / processes), or this machine's
+    cores off a worker (``--cluster sync``)."""
     from cluster.placement import read_threads
 
-    try:
-        from distributed import get_worker
+    cores = job.worker_cores
+    if not cores:
+        try:
+            from distributed import get_worker
 
-        cores = get_worker().state.nthreads
-    except Exception:
-        from dask.system import CPU_COUNT
+            cores = get_worker().state.nthreads
+        except Exception:
+            from dask.system import CPU_COUNT
 
-        cores = CPU_COUNT
-    gpu = str(getattr(model, "device", "")).startswith("cuda")
+            cores = CPU_COUNT
+    gpu = str(job.model_kwargs.get("device", "")).startswith("cuda")
     return read_threads(cores, gpu=gpu, remote_pages=job.pages_over_network)
 
 
@@ -352,7 +353,7 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
     with _meter("read"):
         t_read = time.perf_counter()
         todo = np.flatnonzero(~keep)
-        pool = _pool(_read_threads(job, model))
+        pool = _pool(_read_threads(job))
         for i, (page, prepared, reason) in zip(todo, pool.map(load, [refs[i] for i in todo])):
             i = int(i)
             if reason is not None:

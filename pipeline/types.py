@@ -56,7 +56,7 @@ class JobSpec:
     batch_size: int = 16
     retry_failed: bool = False
     verify: bool = False
-    io_threads: int | None = None  # None: from the cores of the worker that runs the task (tasks._read_threads)
+    worker_cores: int | None = None  # a local worker's share of this machine's cores; None: the worker's own
     pages_over_network: bool = False  # the page list or image root is a URL: readers wait on the network
 
 

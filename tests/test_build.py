@@ -249,35 +249,40 @@ def test_io_threads_follow_the_cores_of_local_workers(monkeypatch):
 
     import dask.system
 
-    from pipeline.build import _io_threads
+    from pipeline.build import _worker_cores
     from pipeline.inputs import over_network
+    from pipeline.tasks import _read_threads
+    from pipeline.types import JobSpec
+
+    job = JobSpec("s.zarr", {}, "run", 40, 8, 12, 64, "float32", "m", "f:m", {})
+
+    def threads(handle, device, remote_pages=False):
+        return _read_threads(replace(job, worker_cores=_worker_cores(handle), model_kwargs={"device": device},
+                                     pages_over_network=remote_pages))
 
     def workers(n):
         return SimpleNamespace(worker_spec={f"w{i}": {} for i in range(n)})
 
     monkeypatch.setattr(dask.system, "CPU_COUNT", 16)
     one_gpu = SimpleNamespace(worker_spec={"gpu-0": {}})
-    assert _io_threads(SimpleNamespace(kind="local", n_workers=1, cluster=one_gpu), "cuda") == 16
-    assert _io_threads(SimpleNamespace(kind="local", n_workers=0, cluster=one_gpu), "cuda") == 16  # not joined yet
-    assert _io_threads(SimpleNamespace(kind="local", n_workers=8, cluster=None), "cuda") == 4
+    assert threads(SimpleNamespace(kind="local", n_workers=1, cluster=one_gpu), "cuda") == 16
+    assert threads(SimpleNamespace(kind="local", n_workers=0, cluster=one_gpu), "cuda") == 16  # not joined yet
+    assert threads(SimpleNamespace(kind="local", n_workers=8, cluster=None), "cuda") == 4
     two_on_one = SimpleNamespace(worker_spec={"gpu-0": {}, "gpu-0.1": {}})  # two workers share the GPU
-    assert _io_threads(SimpleNamespace(kind="local", n_workers=0, cluster=two_on_one), "cuda") == 8
+    assert threads(SimpleNamespace(kind="local", n_workers=0, cluster=two_on_one), "cuda") == 8
     # CPU: the default local cluster is a worker per core, whose model shares that core
-    assert _io_threads(SimpleNamespace(kind="local", n_workers=16, cluster=workers(16)), "cpu") == 2
-    assert _io_threads(SimpleNamespace(kind="local", n_workers=16, cluster=workers(16)), "cpu", True) == 4
-    assert _io_threads(SimpleNamespace(kind="local", n_workers=2, cluster=workers(2)), "cpu") == 8
-    assert _io_threads(SimpleNamespace(kind="remote", n_workers=1, cluster=None), "cuda") is None
-    assert _io_threads(SimpleNamespace(kind="slurm", n_workers=16, cluster=None), "cpu") is None
-    from pipeline.tasks import _read_threads
-    from pipeline.types import JobSpec
-
-    job = JobSpec("s.zarr", {}, "run", 40, 8, 12, 64, "float32", "m", "f:m", {})
-    cpu, gpu = SimpleNamespace(device="cpu"), SimpleNamespace(device="cuda")
-    assert (_read_threads(job, cpu), _read_threads(job, gpu)) == (16, 16)
+    assert threads(SimpleNamespace(kind="local", n_workers=16, cluster=workers(16)), "cpu") == 2
+    assert threads(SimpleNamespace(kind="local", n_workers=16, cluster=workers(16)), "cpu", True) == 4
+    assert threads(SimpleNamespace(kind="local", n_workers=2, cluster=workers(2)), "cpu") == 8
+    assert _worker_cores(SimpleNamespace(kind="remote", n_workers=1, cluster=None)) is None
+    assert _worker_cores(SimpleNamespace(kind="slurm", n_workers=16, cluster=None)) is None
+    # off a worker with no share sent (--cluster sync): this machine's cores
+    cpu, gpu = replace(job, model_kwargs={"device": "cpu"}), replace(job, model_kwargs={"device": "cuda"})
+    assert (_read_threads(cpu), _read_threads(gpu)) == (16, 16)
     monkeypatch.setattr(dask.system, "CPU_COUNT", 1)
-    assert (_read_threads(job, cpu), _read_threads(job, gpu)) == (2, 4)
-    assert _read_threads(replace(job, pages_over_network=True), cpu) == 4
-    assert _read_threads(replace(job, io_threads=3), gpu) == 3
+    assert (_read_threads(cpu), _read_threads(gpu)) == (2, 4)
+    assert _read_threads(replace(cpu, pages_over_network=True)) == 4
+    assert _read_threads(replace(gpu, worker_cores=8)) == 8  # the share the build sent wins
     assert over_network("s3://bucket/pages.txt") and over_network("https://host/images")
     assert not over_network("pages.txt") and not over_network(None)
     assert not over_network("file:///data/pages.txt") and not over_network("/data/images")
