@@ -24,7 +24,7 @@ import dask
 
 from .specs import OWN_KEYS as OWN_SPEC_KEYS  # noqa: I001
 from .specs import JOBQUEUE_KINDS, KUBE_SPEC_KEYS, jobqueue_kwargs, kubernetes_cluster_spec, load_spec
-from .timers import local_timers
+from .timers import LOCAL_CLUSTER_SYNC_S, local_timers, slow_heartbeats
 
 __all__ = ["ClusterError", "ClusterHandle", "gpu_ids", "open_cluster", "VALID_TARGETS"]
 
@@ -224,7 +224,8 @@ def gpu_spec_cluster(ids, threads_per_worker=1, dashboard_address="127.0.0.1:0",
             "dashboard_address": dashboard_address,
         },
     }
-    return SpecCluster(workers=worker_specs, scheduler=scheduler, security=security, silence_logs=logging.WARNING)
+    return SpecCluster(workers=worker_specs, scheduler=scheduler, security=security, silence_logs=logging.WARNING,
+                       scheduler_sync_interval=LOCAL_CLUSTER_SYNC_S)
 
 
 def _pre_spawn_env() -> dict[str, str]:
@@ -308,9 +309,11 @@ def _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, sec
             dashboard_address=dashboard_address,
             security=security,
             silence_logs=logging.WARNING,
+            scheduler_sync_interval=LOCAL_CLUSTER_SYNC_S,
             **start,
         )
         gpu = False
+    slow_heartbeats(getattr(cluster, "scheduler", None))
     try:
         client = Client(cluster, security=security, timeout=timeout)
         try:

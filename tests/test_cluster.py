@@ -112,7 +112,28 @@ def test_local_cluster_slows_dask_timers_and_keeps_the_users_own():
             on_scheduler = h.client.run_on_scheduler(dask_timers)
     want = {**ours, "distributed.worker.profile.interval": "30ms"}
     assert list(on_workers.values()) == [want], on_workers
-    assert on_scheduler["distributed.admin.tick.interval"] == "200ms", on_scheduler
+    assert on_scheduler["distributed.admin.tick.interval"] == "1s", on_scheduler
+
+
+def heartbeat_ms(dask_worker):
+    return dask_worker.periodic_callbacks["heartbeat"].callback_time
+
+
+def test_local_workers_heartbeat_every_two_seconds_and_are_still_seen():
+    """Dask asks a small cluster's workers for a heartbeat every 0.5 s; a local cluster's scheduler answers
+    with LOCAL_HEARTBEAT_S instead, and the heartbeats still arrive (the scheduler's last-seen moves on)."""
+    from cluster.timers import LOCAL_HEARTBEAT_S
+
+    with open_cluster("local", workers=2, threads_per_worker=1, timeout=30) as h:
+        deadline = time.monotonic() + 10
+        while set(h.client.run(heartbeat_ms).values()) != {LOCAL_HEARTBEAT_S * 1000} and time.monotonic() < deadline:
+            time.sleep(0.2)  # a worker takes the interval from the answer to its first heartbeat
+        assert set(h.client.run(heartbeat_ms).values()) == {2000.0}
+        seen = h.client.run_on_scheduler(lambda dask_scheduler: {a: ws.last_seen for a, ws in dask_scheduler.workers.items()})
+        time.sleep(2 * LOCAL_HEARTBEAT_S + 0.5)
+        later = h.client.run_on_scheduler(lambda dask_scheduler: {a: ws.last_seen for a, ws in dask_scheduler.workers.items()})
+    assert seen.keys() == later.keys() and len(seen) == 2
+    assert all(later[a] > seen[a] for a in seen), (seen, later)
 
 
 def test_failing_factory_reports_error_text(local2):
