@@ -12,11 +12,12 @@ which moved two workers' CPU ratio against plain processes
 What was left, timed callback by callback on the event loops of an idle
 two-worker cluster (``time.thread_time`` around each asyncio handle), in ms of
 CPU per second: each worker's heartbeat 5.3 of its 12, the scheduler's
-handling of the heartbeats about 4 of the client process's 20, the loops'
+handling of the heartbeats about 4 of the client process's 22, the loops'
 health ticks 1.6 + 2 x 0.8, the memory checks 1.4 + 2 x 0.8, the cluster's
 description 0.9.  Heartbeats every 2 s, ticks and memory checks every second
-and the description every 5 s halve both loops (22 to 11.5 and 12 to 6 ms/s):
-about 1% of two cores.  Nothing is switched off:
+and the description every 5 s halve both loops (22 to 11.5 and 12 to 6 ms/s),
+about 1% of two cores; during a build, when the loops also carry the tasks'
+traffic, they take about 9 ms/s off (0.45%).  Nothing is switched off:
 the dashboard's pages, the workers' memory and CPU figures, blocked-loop
 warnings and the nannies' memory limits still work, at a coarser step.  A lost
 worker is still noticed at once: its nanny's connection closes, no heartbeat
