@@ -44,7 +44,6 @@ LOCAL_TIMERS = {
 #: figures the dashboards show, which the system monitor refreshes every 2 s anyway.
 LOCAL_HEARTBEAT_S = 2.0
 
-
 #: Seconds between a local cluster object's updates of its description on the scheduler (Dask: 1 s;
 #: ``scheduler_sync_interval``, a constructor argument).
 LOCAL_CLUSTER_SYNC_S = 5

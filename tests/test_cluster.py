@@ -119,6 +119,10 @@ def heartbeat_ms(dask_worker):
     return dask_worker.periodic_callbacks["heartbeat"].callback_time
 
 
+def last_seen(dask_scheduler):
+    return {address: ws.last_seen for address, ws in dask_scheduler.workers.items()}
+
+
 def test_local_workers_heartbeat_every_two_seconds_and_are_still_seen():
     """Dask asks a small cluster's workers for a heartbeat every 0.5 s; a local cluster's scheduler answers
     with LOCAL_HEARTBEAT_S instead, and the heartbeats still arrive (the scheduler's last-seen moves on)."""
@@ -129,9 +133,9 @@ def test_local_workers_heartbeat_every_two_seconds_and_are_still_seen():
         while set(h.client.run(heartbeat_ms).values()) != {LOCAL_HEARTBEAT_S * 1000} and time.monotonic() < deadline:
             time.sleep(0.2)  # a worker takes the interval from the answer to its first heartbeat
         assert set(h.client.run(heartbeat_ms).values()) == {2000.0}
-        seen = h.client.run_on_scheduler(lambda dask_scheduler: {a: ws.last_seen for a, ws in dask_scheduler.workers.items()})
+        seen = h.client.run_on_scheduler(last_seen)
         time.sleep(2 * LOCAL_HEARTBEAT_S + 0.5)
-        later = h.client.run_on_scheduler(lambda dask_scheduler: {a: ws.last_seen for a, ws in dask_scheduler.workers.items()})
+        later = h.client.run_on_scheduler(last_seen)
     assert seen.keys() == later.keys() and len(seen) == 2
     assert all(later[a] > seen[a] for a in seen), (seen, later)
 
