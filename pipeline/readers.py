@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -65,12 +66,36 @@ def _first_line(exc: BaseException) -> str:
 
 
 def open_pages(store, done_only: bool = True, storage_options: dict | None = None) -> "xr.Dataset":
-    """The store as a Dataset; with ``done_only`` only pages whose ``status == 1``."""
+    """The store as a Dataset; with ``done_only`` only pages whose ``status == 1``, indexed by page id.
+
+    The finished pages get what the store itself does not hold (it has no ``page`` index, so that its
+    metadata never changes during a build): ``page`` coordinate values are the page ids, so
+    ``ds.sel(page="sample_00003")`` works, and a ``position`` coordinate keeps each page's place in
+    the store (``@N`` for ``show`` and ``similar``).  Page ids that occur more than once stay in the
+    index: ``.sel(page=ID)`` then returns every page with that id (a ``page`` dimension of their
+    number, told apart by ``position``), a list of ids is refused by pandas (use
+    ``ds.isel(page=ds.page.isin(ids).values)``, or ``ds.drop_duplicates("page")`` first), and a
+    warning says how many pages repeat an id.  ``done_only=False`` is the raw store (pending pages have
+    no id yet), as ``open_store`` gives it.
+    """
     ds = open_store(store, storage_options)
     if not done_only:
         return ds
     keep = np.flatnonzero(ds["status"].values == STATUS_DONE)
-    return ds.isel(page=keep)
+    ds = ds.isel(page=keep)
+    ids = np.asarray(ds["page_id"].values, dtype=object)  # StringDType: pandas indexes objects
+    ds = ds.assign_coords(page=("page", ids), position=("page", keep.astype(np.int64)))
+    ds["page"].attrs["description"] = "page id (a reader-side index of finished pages, not in the store)"
+    ds["position"].attrs["description"] = "the page's position in the store (@N)"
+    repeated = len(ids) - len(set(ids))
+    if repeated:
+        warnings.warn(f"{repeated} finished pages repeat a page id held by another: .sel(page=ID) returns every page "
+                      "with that id (tell them apart by the 'position' coordinate)", DuplicatePageIds, stacklevel=2)
+    return ds
+
+
+class DuplicatePageIds(UserWarning):
+    """Some finished pages share a page id (user data can): ``.sel(page=ID)`` returns all of them."""
 
 
 def _group(loc: StoreLocation) -> zarr.Group:
