@@ -290,7 +290,7 @@ def build(
         if not supports_conditional_writes(loc):
             say(f"pagecube: warning: store {loc} does not support conditional writes (If-None-Match, If-Match): "
                 "two builds that start at the same instant are not kept apart")
-        with WriterLock(loc, take_over=take_over_lock) as lock:
+        with _page_shows_the_end(client, loc), WriterLock(loc, take_over=take_over_lock) as lock:
             if lock.took_over_from:
                 say(f"pagecube: took over the store lock from {lock.took_over_from}")
             clean_debris(loc)
@@ -372,6 +372,33 @@ def _install_page(client, loc: StoreLocation, image_root: str | None, dashboard_
         return
     if link:
         say(f"pagecube: pagecube page at {link}")
+
+
+@contextlib.contextmanager
+def _page_shows_the_end(client, loc: StoreLocation):
+    """Once the lock is released, the live page is told how the build ended and open pages are given a few
+    seconds to fetch it (the scheduler, and so the page's server, may go with the build).  Ctrl-C exits
+    at once; a build never fails for its page."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        _end_page(client, loc, "stopped", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        raise
+    else:
+        _end_page(client, loc, "finished")
+
+
+def _end_page(client, loc: StoreLocation, state: str, reason: str = "") -> None:
+    if client is None:
+        return
+    from .watch import show_the_end
+
+    try:
+        show_the_end(client, loc, state, reason)
+    except Exception:  # noqa: BLE001 - the scheduler may be gone already (the reason the build stopped)
+        pass
 
 
 class _QuietClose:
