@@ -219,6 +219,39 @@ def test_page_shows_the_end_of_a_local_build(pages64, tmp_path):
         _stop(proc)
 
 
+def test_page_shows_a_stopped_build_with_its_reason(pages64, tmp_path):
+    """``show_the_end`` on a scheduler: it returns once the open page shows the end (0 pages left waiting),
+    and the page says STOPPED, why, the counts and how to open it again."""
+    from distributed import Client, LocalCluster
+
+    import pipeline
+    from pipeline.watch import install_page, show_the_end
+
+    out = tmp_path / "stopped.zarr"
+    pipeline.build(str(pages64), str(out), cluster="sync", chunk_pages=CHUNK, model="tiny", progress=False,
+                   init_only=True)
+    loc = StoreLocation.of(str(out))
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:
+        url = install_page(client, loc, None, client.dashboard_link)
+        assert show_the_end(client, loc, "finished") == 0  # no page open: nothing to wait for
+        client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["pagecube-page"].__setattr__(
+            "ended", None))  # as a new build on this scheduler would be
+        with browser() as b:
+            w = Watched(b, url)
+            _wait_for(lambda: w.page.evaluate("document.body.dataset.state") == "idle", 30, "the page")
+            assert w.page.locator("#end").is_hidden()
+            assert show_the_end(client, loc, "stopped", "the store's disk is full (errno 28)") == 0
+            assert w.page.evaluate("document.body.dataset.state") == "stopped"
+            assert w.text("#end-state") == "STOPPED"
+            assert w.text("#end-counts") == "0 of 64 pages done, none failed, 64 pending."
+            assert w.text("#end-reason") == "Stopped: the store's disk is full (errno 28)."
+            assert w.text("#end-reopen").endswith(f"pagecube status {out} --serve")
+            w.page.screenshot(path=_shot(tmp_path, "stopped.png"), full_page=True)
+            assert w.errors == [], w.errors
+
+
 @pytest.fixture(scope="module")
 def failed_store(tmp_path_factory):
     """24 pages in chunks of 8, four of them bad (chunks 0 and 1): two missing images, two manifests that are not JSON."""

@@ -285,7 +285,7 @@
   function endOf(d) {
     const p = d.pages;
     if (d.ended) {
-      const finished = p.pending === 0;
+      const finished = d.ended.state !== "stopped" && p.pending === 0;
       return { state: finished ? "finished" : "stopped", reopen: d.ended.reopen,
         reason: d.ended.reason || (finished ? "" : `the build ended with ${fmtInt(p.pending)} pages pending`) };
     }
