@@ -61,3 +61,5 @@ def test_the_store_and_open_store_keep_no_page_index(store):
     assert "page" not in raw.coords and "position" not in raw.coords
     assert "page" not in zarr.open_group(store, mode="r") and raw.sizes["page"] == 12
     assert "page" not in pipeline.open_pages(store, done_only=False).coords
+    plain = pipeline.open_pages(store, by_id=False)  # no ids read: finished pages by position only
+    assert "page" not in plain.coords and plain.sizes["page"] == 11
