@@ -391,7 +391,7 @@ def _page_shows_the_end(client, loc: StoreLocation):
 
 
 def _end_page(client, loc: StoreLocation, state: str, reason: str = "") -> None:
-    if client is None:
+    if client is None or client.status != "running":  # no scheduler to tell (it may be why the build stopped)
         return
     from .watch import show_the_end
 
