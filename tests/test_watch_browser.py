@@ -193,6 +193,8 @@ def test_page_shows_the_end_of_a_local_build(pages64, tmp_path):
         with browser() as b:
             w = Watched(b, url)
             page = w.page
+            bad = []
+            page.on("response", lambda r: bad.append((r.status, r.url, r.text()[:200])) if r.status >= 400 else None)
             assert proc.wait(180) == 0, log.read_text()
             # the build waited for this page to show its end before its server went
             assert page.evaluate("document.body.dataset.state") == "finished", log.read_text()
@@ -214,7 +216,7 @@ def test_page_shows_the_end_of_a_local_build(pages64, tmp_path):
             _wait_for(lambda: "server has closed" in w.text("#updated"), 10, "the page to notice the server went")
             assert w.text("#end-state") == "FINISHED" and page.locator("#banner").is_hidden()
             page.screenshot(path=_shot(tmp_path, "end.png"), full_page=True)
-            assert all("ERR_CONNECTION_REFUSED" in e for e in w.errors), w.errors  # only the one poll after the end
+            assert all("ERR_CONNECTION_REFUSED" in e for e in w.errors), (w.errors, bad)  # the poll after the end
     finally:
         _stop(proc)
 

@@ -2,7 +2,7 @@
 // Text from the store (page ids, failure reasons) is only ever set with textContent.
 "use strict";
 (function () {
-  const EVERY_MS = 2000;
+  const EVERY_MS = 2000, ENDED_EVERY_MS = 10000;
   const API = new URL("pagecube/api/status", document.baseURI).href;
   // a name for this open page: the build keeps its server up until every open page shows its end
   const TAB = Math.random().toString(36).slice(2, 12);
@@ -372,7 +372,9 @@
       render(d);
       if (d.ended && !shownEnd) sayShown();
       else if (!d.ended) shownEnd = false;  // a later build on the same scheduler
-      timer = setTimeout(refresh, EVERY_MS);
+      // once this page shows the end, the build's server may close: ask seldom (a remote scheduler stays,
+      // and its next build is seen within ENDED_EVERY_MS)
+      timer = setTimeout(refresh, d.ended && shownEnd ? ENDED_EVERY_MS : EVERY_MS);
       return d.ready ? { done: d.pages.done, failed: d.pages.failed, pending: d.pages.pending } : null;
     } catch (err) {
       if (last && last.ended) {  // the build ended and its server went with it: the end stays on the page
