@@ -11,9 +11,10 @@ only.
 
 Text queries rank in two keys (a hybrid ranking): first by how many of the
 query's words a page's ``text_content`` holds as whole words (case-insensitive,
-any panel), then by the cosine of the embedded query.  A user searching
-"hidden garden" expects the pages that say it first; the embedding orders them
-and finds the pages that say something close.  Text is then streamed with the
+any panel), one more when a panel says them as the query does (the phrase, in
+order), then by the cosine of the embedded query.  A user searching "hidden
+garden" expects the pages that say it first; the embedding orders them and
+finds the pages that say something close.  Text is then streamed with the
 embeddings (``numpy.strings`` finds candidates, a regex checks word bounds).
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ class SimilarPage(NamedTuple):
     page_id: str
     score: float
     words: int = 0  # text queries: how many of the query's words the page's text holds
+    phrase: bool = False  # text queries: a panel says the query's words in order (more than one word)
 
 
 @dataclass(frozen=True)
@@ -144,19 +146,28 @@ def query_words(text: str) -> list[str]:
     return list(dict.fromkeys(w.lower() for w in re.findall(r"\w+", text or "")))
 
 
-def words_found(texts, words: list[str]) -> np.ndarray:
-    """For each row of ``texts`` (pages x panels), how many of ``words`` it holds as whole words."""
+def _rows_matching(low: np.ndarray, first: str, pattern: re.Pattern) -> np.ndarray:
+    """Rows of ``low`` (lower-cased pages x panels) where a panel matches ``pattern`` (it holds ``first``)."""
+    has = np.zeros(low.shape[0], dtype=bool)
+    for row, col in zip(*np.nonzero(np.strings.find(low, first) >= 0)):  # substring first: cheap, rare
+        has[row] = has[row] or pattern.search(str(low[row, col])) is not None
+    return has
+
+
+def words_found(texts, words: list[str], phrase_bonus: bool = False) -> np.ndarray:
+    """For each row of ``texts`` (pages x panels), how many of ``words`` it holds as whole words; with
+    ``phrase_bonus``, one more where a panel says all of them in order (``hidden ... garden``, only
+    spaces and punctuation between)."""
     texts = np.asarray(texts)
     found = np.zeros(texts.shape[0], dtype=np.int64)
     if not words or texts.size == 0:
         return found
     low = np.strings.lower(texts.astype(np.dtypes.StringDType()))
     for word in words:
-        bound = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
-        has = np.zeros(texts.shape[0], dtype=bool)
-        for row, col in zip(*np.nonzero(np.strings.find(low, word) >= 0)):  # substring first: cheap, rare
-            has[row] = has[row] or bound.search(str(low[row, col])) is not None
-        found += has
+        found += _rows_matching(low, word, re.compile(rf"(?<!\w){re.escape(word)}(?!\w)"))
+    if phrase_bonus and len(words) > 1:
+        said = r"\W+".join(map(re.escape, words))
+        found += _rows_matching(low, words[0], re.compile(rf"(?<!\w){said}(?!\w)"))
     return found
 
 
@@ -220,7 +231,7 @@ def _search(store, vector, *, k, exclude, storage_options, block_pages, block_by
         if not ok.all():
             scores, idx = scores[ok], idx[ok]
         if texts is not None and scores.size:
-            scores = scores + WORD_WEIGHT * words_found(_read_rows(texts, idx), words)
+            scores = scores + WORD_WEIGHT * words_found(_read_rows(texts, idx), words, phrase_bonus=True)
         if scores.size:
             best_s, best_i = _merge(best_s, best_i, scores, idx, k)
     found = np.round(best_s / WORD_WEIGHT).astype(np.int64)
@@ -244,7 +255,7 @@ def similar_pages(store, page_id: str | None = None, *, vector=None, k: int = 10
     Query by ``page_id`` (a page id, or ``@N`` for the page at position N; it must be done)
     or by ``vector`` (``[embedding_dim]``).  With ``exclude_self`` the query page itself is
     not returned.  With ``words`` (a text query's, ``query_words``), pages whose text holds more
-    of them come first, each group by cosine.  Memory is bounded by one block of embeddings
+    of them come first (a panel that says them in order counts one more), each group by cosine.  Memory is bounded by one block of embeddings
     plus k results.
     """
     if (page_id is None) == (vector is None):
@@ -259,7 +270,9 @@ def similar_pages(store, page_id: str | None = None, *, vector=None, k: int = 10
                    block_bytes=block_bytes, words=words, _group=group)
     idx = np.asarray([i for i, _, _ in hits], dtype=np.int64)
     ids = _read_rows(group["page_id"], idx)
-    return [SimilarPage(i, str(pid), s, n) for (i, s, n), pid in zip(hits, ids)]
+    phrase = bool(words) and len(words) > 1
+    return [SimilarPage(i, str(pid), s, min(n, len(words or ())), phrase and n > len(words))
+            for (i, s, n), pid in zip(hits, ids)]
 
 
 def describe_pages(store, indices, *, storage_options: dict | None = None, snippet_len: int = SNIPPET_LEN,

@@ -239,26 +239,41 @@ def _phrases(words_by_page: list[set[str]], texts: list[str], min_pages: int = 1
 
     said = Counter()
     for text in texts:
-        toks = re.findall(r"\w+", text.lower())
-        said.update({f"{a} {b}" for a, b in zip(toks, toks[1:]) if a != b})
+        pairs = set()
+        for panel in text.split("\t"):
+            toks = re.findall(r"\w+", panel.lower())
+            pairs.update(f"{a} {b}" for a, b in zip(toks, toks[1:]) if a != b)
+        said.update(pairs)
     n = len(words_by_page)
     return sorted(p for p, c in said.items() if c >= min_pages
                   and sum(set(p.split()) <= w for w in words_by_page) < n / 3)
 
 
-def _check_words_first(hits, words_by_page, query):
-    want = [len(set(query_words(query)) & words_by_page[h.page_index]) for h in hits]
-    assert [h.words for h in hits] == want, (query, hits)
-    assert want == sorted(want, reverse=True), (query, hits)  # more of the words first
-    for a, b in zip(hits, hits[1:]):  # then by cosine within each group
-        assert a.words > b.words or a.score >= b.score, (query, hits)
+def _says(text: str, phrase: str) -> bool:
+    """Whether one panel's text (panels are joined by tabs here) says ``phrase``'s words in order."""
+    import re
+
+    said = r"[^\w\t]+".join(map(re.escape, phrase.split()))
+    return re.search(rf"(?<!\w){said}(?!\w)", text.lower()) is not None
+
+
+def _check_words_first(hits, words_by_page, texts, query):
+    """Pages that say the query first, then by how many of its words they hold, each group by cosine."""
+    want = [(len(set(query_words(query)) & words_by_page[h.page_index]), _says(texts[h.page_index], query))
+            for h in hits]
+    assert [(h.words, h.phrase) for h in hits] == want, (query, hits)
+    tiers = [n + said for n, said in want]
+    assert tiers == sorted(tiers, reverse=True), (query, hits)
+    for (a, ta), (b, tb) in zip(zip(hits, tiers), zip(hits[1:], tiers[1:])):  # by cosine within a group
+        assert ta > tb or a.score >= b.score, (query, hits)
 
 
 def test_words_found_counts_whole_words_in_any_panel():
-    texts = np.array([["The hidden garden", ""], ["a GARDEN", "hidden!"], ["gardens hide", "unhidden"]],
-                     dtype=np.dtypes.StringDType())
+    texts = np.array([["The hidden garden", ""], ["a GARDEN", "hidden!"], ["gardens hide", "unhidden"],
+                      ["Hidden... Garden!", "x"]], dtype=np.dtypes.StringDType())
     assert query_words("Hidden  garden, hidden") == ["hidden", "garden"]
-    assert words_found(texts, ["hidden", "garden"]).tolist() == [2, 2, 0]
+    assert words_found(texts, ["hidden", "garden"]).tolist() == [2, 2, 0, 2]
+    assert words_found(texts, ["hidden", "garden"], phrase_bonus=True).tolist() == [3, 2, 0, 3]
 
 
 def test_text_words_rank_first_on_the_tiny_store(tiny_store):
@@ -272,8 +287,8 @@ def test_text_words_rank_first_on_the_tiny_store(tiny_store):
         for block_pages in (None, CHUNK):
             hits = similar_pages(tiny_store, vector=vec, k=N_PAGES, block_pages=block_pages,
                                  words=query_words(phrase))
-            _check_words_first(hits, by_page, phrase)
-            assert hits[0].words == 2
+            _check_words_first(hits, by_page, texts, phrase)
+            assert hits[0].words == 2 and hits[0].phrase
     # without words: the plain cosine ranking, as before
     assert [h.page_index for h in similar_pages(tiny_store, vector=vec, k=5)] == _brute(tiny_store, None, vec, k=5)[0]
 
@@ -293,7 +308,7 @@ def _store_words(store) -> tuple[list[set[str]], list[str]]:
     """Each page's text as the store holds it (panels past the cap are not in it), and its words (a regex)."""
     import re
 
-    texts = [" ".join(map(str, row)) for row in zarr.open_group(str(store), mode="r")["text_content"][:]]
+    texts = ["\t".join(map(str, row)) for row in zarr.open_group(str(store), mode="r")["text_content"][:]]
     return [{w.lower() for w in re.findall(r"\w+", t)} for t in texts], texts
 
 
@@ -306,9 +321,11 @@ def test_text_query_puts_pages_that_say_it_first(text_store, capsys):
     assert len(phrases) >= 3, phrases
     for phrase in phrases[:3]:
         hits = similar_to_text(store, phrase, k=N_PAGES, model_options=PRETRAINED_OPTS)
+        sayers = {i for i, t in enumerate(texts) if _says(t, phrase)}
         holders = {i for i, w in enumerate(by_page) if set(phrase.split()) <= w}
+        assert sayers and {h.page_index for h in hits[:len(sayers)]} == sayers, (phrase, sayers, hits)
         assert {h.page_index for h in hits[:len(holders)]} == holders, (phrase, holders, hits)
-        _check_words_first(hits, by_page, phrase)
+        _check_words_first(hits, by_page, texts, phrase)
 
 
 def test_help_shows_a_page_query_and_a_text_query_as_two_forms(capsys):

@@ -14,9 +14,10 @@ def similar(
     page_id: Optional[str] = typer.Argument(None, help="The query page: a page id, or @N for the page at position N. "
                                                        "It must be done (status 1). Not with --text."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="How many pages to show."),
-    text: Optional[str] = typer.Option(None, "--text", help="Search with this text instead of a PAGE_ID: pages whose "
-                                                            "text holds more of its words first, each group by cosine "
-                                                            "to the text embedded by the model's text tower."),
+    text: Optional[str] = typer.Option(None, "--text", help="Search with this text instead of a PAGE_ID: pages that "
+                                                            "say it first, then those holding more of its words, each "
+                                                            "group by cosine to the text embedded by the model's text "
+                                                            "tower."),
     model: Optional[str] = typer.Option(None, "--model", help="With --text: the model that built the store "
                                                               "(default: the store's model attribute)."),
     seed: int = typer.Option(0, "--seed", help="With --text: the seed the store was built with."),
@@ -33,7 +34,7 @@ def similar(
 
     A page query ranks by cosine of page embeddings. Streams the store; works mid-run.
 
-    A text query ranks first the pages whose text holds more of its words, each group by cosine.
+    A text query ranks first the pages that say it, then those holding more of its words, each group by cosine.
     """
     from ..errors import BadArgument
     from ..similar import (NotAStore, SimilarError, describe_pages, embed_text_query, find_page, query_words,
@@ -51,7 +52,7 @@ def similar(
             vector = embed_text_query(store, text, model=model, device=device, seed=seed, storage_options=so)
             words = query_words(text)
             hits = similar_pages(store, vector=vector, k=k, storage_options=so, words=words)
-            query = f"query: text {text!r} (pages holding more of its {len(words)} words first)"
+            query = f"query: text {text!r} (pages that say it first, then those holding more of its words)"
         else:
             qi = find_page(store, page_id, storage_options=so)  # one pass over page_id, then by position
             hits = similar_pages(store, f"@{qi}", k=k, storage_options=so, exclude_self=not include_self)
@@ -68,9 +69,11 @@ def similar(
         return
     wid = max(4, *(len(h.page_id) for h in hits))
     wser = max(6, *(len(r.series or "-") for r in rows))
-    words_col = (lambda h: f"  {h.words}/{len(words):<3}") if text is not None else (lambda h: "")  # noqa: E731
-    print(f"{'rank':>4}  {'score':>7}{'  words' if text is not None else ''}  {'page':<{wid}}  {'series':<{wser}}  "
-          "first panel text")
+    def match(h) -> str:  # a text query's column: the phrase said, or how many of its words
+        return "" if text is None else f"  {'phrase' if h.phrase else f'{h.words}/{len(words)}':<7}"
+
+    print(f"{'rank':>4}  {'score':>7}{'  match  ' if text is not None else ''}  {'page':<{wid}}  "
+          f"{'series':<{wser}}  first panel text")
     for rank, (hit, row) in enumerate(zip(hits, rows), 1):
-        print(f"{rank:>4}  {hit.score:7.4f}{words_col(hit)}  {hit.page_id:<{wid}}  {row.series or '-':<{wser}}  "
+        print(f"{rank:>4}  {hit.score:7.4f}{match(hit)}  {hit.page_id:<{wid}}  {row.series or '-':<{wser}}  "
               f"{row.snippet}")
