@@ -45,7 +45,8 @@ WORKER_RATE_WINDOW_S = 60.0
 THUMB_WIDTH = 220
 THUMB_LIMITS = (48, 800)
 THUMB_CACHE = 64
-#: a page that polled this recently is open (it polls every 2 s; a hidden tab at least once a second)
+#: a page that polled this recently is open (it polls every 2 s; a browser may slow a tab hidden for
+#: minutes to one poll a minute: such a tab is not waited for, and says how to reopen the page)
 TAB_OPEN_S = 6.0
 TAB_LIMIT = 256
 #: thumbnails are drawn one at a time, so that an open page never takes more than one thread's CPU
@@ -83,7 +84,7 @@ class WatchPlugin(RoutesPlugin):
         self.ended: dict | None = None
         self._generation = 0
         self._tabs_lock = threading.Lock()
-        self._tabs: OrderedDict = OrderedDict()  # tab -> [last poll (monotonic), sent a snapshot after the end]
+        self._tabs: OrderedDict = OrderedDict()  # tab -> [last poll (monotonic), it shows the end]
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -383,8 +383,9 @@
         return null;  // nothing left to poll
       }
       const when = lastOk ? ` Showing the state from ${new Date(lastOk).toLocaleTimeString()}.` : "";
+      const store = last && last.store ? last.store : "STORE";
       showBanner(`Lost contact with the server (${err.message}).${when} When a build ends its scheduler goes too; ` +
-        "`pagecube status STORE --serve` serves this page from the store.");
+        `\`pagecube status ${store} --serve\` serves this page from the store.`);
       timer = setTimeout(refresh, EVERY_MS * 2.5);
       return null;
     }
