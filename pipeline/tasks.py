@@ -297,6 +297,7 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
         _keep_done(group, region, keep, start, stop)
     region["manifest_path"][:] = [r.label for r in refs]
     reasons: list[str] = []
+    side = getattr(model, "panel_side", None)  # decode pages just large enough for the model's crops
 
     def fail(i: int, reason: str) -> None:
         region["status"][i] = STATUS_FAILED
@@ -307,7 +308,7 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
     def load(ref):
         try:
             page = read_page(ref, max_panels=job.max_panels, image_root=job.image_root,
-                             storage_options=job.storage_options)
+                             storage_options=job.storage_options, panel_side=side)
             prepared = model.prepare(page)
             page.image = None  # the decoded page is not needed past prepare: free it now
             return page, prepared, None
