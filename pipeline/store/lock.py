@@ -244,6 +244,9 @@ class WriterLock:
                 conditional.delete(self.loc, self.path, self._tag)
             except conditional.Conflict:
                 pass  # taken over meanwhile: it is not ours to remove
+            except Exception as exc:  # noqa: BLE001 - a store turned read-only or unreachable: the rerun takes the lock over
+                logging.getLogger("pagecube.lock").info("pagecube: could not release the lock of %s: %s",
+                                                           self.loc, exc)
 
     def __enter__(self) -> "WriterLock":
         return self.acquire()
