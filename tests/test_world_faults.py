@@ -8,7 +8,10 @@ page with exit 0, keeping what was done (``written_at`` unchanged) and equal to 
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 
 import smalldisk
-from faultkit import MODEL, PAGECUBE, ROOT, env, make_pages, read, run, wait_for
+from faultkit import MODEL, PAGECUBE, ROOT, env, index_entries, make_pages, read, run, wait_for
 
 STOPPED = 75
 VARS = ("status", "page_embeddings", "panel_embeddings", "attention_weights", "reading_order",
@@ -144,3 +147,231 @@ def test_store_made_read_only_mid_build(disk, clean48, tmp_path):
 
     disk.remount("rw")
     _rerun_finishes(disk, pages, store, tmp_path, clean, before)
+
+
+# --- S3: a real moto server, stalled, killed and started again, its image bucket taken away ---------------
+class Moto:
+    """A moto S3 server on 127.0.0.1 that a test can stall (SIGSTOP), kill and start again on its port."""
+
+    def __init__(self, tmp: Path):
+        import shutil
+        import sys
+
+        from test_s3 import ACCESS_KEY, SECRET_KEY, _clean_env, _free_port
+
+        self.exe = shutil.which("moto_server", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                    os.environ.get("PATH", "")]))
+        if self.exe is None:
+            pytest.skip("moto_server not installed (pip install 'moto[server]', part of pagecube[test])")
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {**_clean_env(tmp), "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                    "AWS_ENDPOINT_URL": self.endpoint}
+        self.options = {"key": ACCESS_KEY, "secret": SECRET_KEY, "endpoint_url": self.endpoint}
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        import socket
+        import time
+
+        self.proc = subprocess.Popen([self.exe, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.1)
+
+    @property
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.options, use_listings_cache=False, skip_instance_cache=True)
+
+    def signal(self, sig) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def reset(self) -> None:
+        """Every bucket gone at once (moto's reset API): an image bucket taken away."""
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"),
+                               timeout=10).read()
+
+
+@pytest.fixture
+def moto(tmp_path):
+    server = Moto(tmp_path)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def _s3_pages(moto, pages: Path, bucket: str, absolute_images: bool = False) -> None:
+    """The sample of ``pages`` into ``bucket`` (manifests, images, pages.txt); with ``absolute_images``
+    the local manifests name their images as s3:// URLs instead (the pages stay local)."""
+    import json
+
+    fs = moto.fs
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    folder = pages.parent
+    fs.put(str(folder / "images") + "/", f"{bucket}/images/", recursive=True)
+    if absolute_images:
+        for m in sorted((folder / "manifests").glob("*.json")):
+            data = json.loads(m.read_text())
+            data["page_image_path"] = f"s3://{bucket}/images/{Path(data['page_image_path']).name}"
+            m.write_text(json.dumps(data))
+        return
+    fs.put(str(folder / "manifests") + "/", f"{bucket}/manifests/", recursive=True)
+    fs.put(str(pages), f"{bucket}/pages.txt")
+
+
+def _s3_build(moto, pages: str, store: str, *extra, timeout_s: float = 1) -> list[str]:
+    # short S3 timeouts: a stalled server is noticed in seconds (the defaults take minutes)
+    options = {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                 "retries": {"max_attempts": 1}}}
+    return [*PAGECUBE, "build", pages, "--out", store, *COMMON, "--storage-options", json.dumps(options), *extra]
+
+
+def _popen(cmd, moto) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env({**moto.env, **QUICK}))
+
+
+def _finish(proc, timeout=120) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_s3_store_stalled_stops_then_resumes(moto, clean48, tmp_path):
+    """The store's S3 server stops answering (SIGSTOP) for longer than the tasks retry: the build stops,
+    naming the store; once it answers again the same command finishes every page."""
+    pages, clean = clean48
+    store = "s3://cubes/stalled.zarr"
+    moto.fs.mkdir("cubes")
+    cmd = _s3_build(moto, pages, store)
+    proc = _popen(cmd, moto)
+    paused = False
+    try:
+        wait_for(lambda: len(moto.fs.ls("cubes/stalled.zarr/_pagecube/chunks")) >= 2
+                 if moto.fs.exists("cubes/stalled.zarr/_pagecube/chunks") else False, 90, "two chunks", proc, 0.2)
+        moto.signal(signal.SIGSTOP)
+        paused = True
+        out, err = _finish(proc)
+    finally:
+        if paused:
+            moto.signal(signal.SIGCONT)
+    assert proc.returncode == STOPPED, err[-3000:]
+    line = _one_stop_line(err)
+    assert re.fullmatch(r"pagecube: the store does not answer \(.+; store s3://cubes/stalled\.zarr\); "
+                        r"(\d+ of 48 pages are done and kept|the pages done before are kept); "
+                        r"run the same command once it answers again", line), line
+    status_before, written_before = _s3_arrays(moto, "cubes/stalled.zarr", "status", "written_at")
+    assert not (status_before == 2).any()
+    assert 16 <= (status_before == 1).sum() < 48
+
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env({**moto.env, **QUICK}),
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    status, written = _s3_arrays(moto, "cubes/stalled.zarr", "status", "written_at")
+    assert (status == 1).all()
+    done = status_before == 1
+    assert np.array_equal(written[done], written_before[done]), "pages done before the stall were redone"
+
+
+def _s3_arrays(moto, root: str, *names):
+    import zarr
+
+    g = zarr.open_group(f"s3://{root}", mode="r",
+                        storage_options=moto.options, use_consolidated=False)
+    return [g[n][:] for n in names]
+
+
+def test_s3_pages_refusing_connections_then_back(moto, clean48, tmp_path):
+    """The S3 server that holds the pages is killed mid-build (connections refused): the build stops,
+    naming that location; started again on the same port with the pages, the same command finishes."""
+    pages, clean = clean48
+    _s3_pages(moto, pages, "pages")
+    store = tmp_path / "r.zarr"
+    cmd = _s3_build(moto, "s3://pages/pages.txt", str(store))
+    proc = _popen(cmd, moto)
+    try:
+        wait_for(lambda: len(index_entries(store)) >= 2 if (store / "_pagecube" / "chunks").exists() else False,
+                 90, "two chunks", proc)
+        moto.kill()
+        out, err = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == STOPPED, err[-3000:]
+    line = _one_stop_line(err)
+    assert re.fullmatch(r"pagecube: the (page list|image location) s3://pages\S* is unreachable \(.+\); "
+                        r"\d+ of 48 pages are done and kept; run the same command once it answers again", line), line
+    status_before, written_before = read(store, "status", "written_at")
+    assert not (status_before == 2).any()
+    assert 16 <= (status_before == 1).sum() < 48
+
+    moto.start()  # the same port, an empty server: the pages are put back
+    _s3_pages(moto, pages, "pages")
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env({**moto.env, **QUICK}),
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    status, written = read(store, "status", "written_at")
+    assert (status == 1).all()
+    done = status_before == 1
+    assert np.array_equal(written[done], written_before[done])
+
+
+def test_image_bucket_taken_away_and_restored(moto, tmp_path):
+    """Local manifests whose images are in a bucket; the bucket goes away mid-build: no page fails, the
+    build stops naming the image location; restored, the same command finishes.  One image missing from
+    a bucket that is there is still a page fault."""
+    pages = make_pages(tmp_path / "s", 48, seed=33)
+    _s3_pages(moto, pages, "imgs", absolute_images=True)
+    moto.fs.rm("imgs/images/page_00003.jpg")  # one image 404: a page fault, as ever
+    store = tmp_path / "b.zarr"
+    cmd = _s3_build(moto, str(pages), str(store))
+    proc = _popen(cmd, moto)
+    try:
+        wait_for(lambda: len(index_entries(store)) >= 2 if (store / "_pagecube" / "chunks").exists() else False,
+                 90, "two chunks", proc)
+        moto.reset()
+        out, err = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == STOPPED, err[-3000:]
+    line = _one_stop_line(err)
+    assert re.fullmatch(r"pagecube: the image location s3://imgs/images is gone \(the folder or bucket does not "
+                        r"exist\) \(image not found: s3://imgs/images/page_\d+\.jpg\); \d+ of 48 pages are done "
+                        r"and kept; restore it and run the same command", line), line
+    status_before, written_before, error = read(store, "status", "written_at", "error")
+    assert np.flatnonzero(status_before == 2).tolist() == [3], set(error)
+    assert error[3] == "image not found: s3://imgs/images/page_00003.jpg"
+
+    _s3_pages(moto, pages, "imgs", absolute_images=True)  # restored (page 3's image stays missing)
+    moto.fs.rm("imgs/images/page_00003.jpg")
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env({**moto.env, **QUICK}),
+                           timeout=120)
+    assert again.returncode == 3, again.stderr[-3000:]
+    status, written = read(store, "status", "written_at")
+    assert np.flatnonzero(status != 1).tolist() == [3]
+    done = status_before == 1
+    assert np.array_equal(written[done], written_before[done])

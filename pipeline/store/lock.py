@@ -240,8 +240,10 @@ class WriterLock:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self.lost is None and self._tag is not None:
-            try:
-                conditional.delete(self.loc, self.path, self._tag)
+            from ..faults import bounded
+
+            try:  # bounded: a store that stopped answering must not hold the build's exit back
+                bounded(lambda: conditional.delete(self.loc, self.path, self._tag))
             except conditional.Conflict:
                 pass  # taken over meanwhile: it is not ours to remove
             except Exception as exc:  # noqa: BLE001 - a store turned read-only or unreachable: the rerun takes the lock over
