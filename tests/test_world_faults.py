@@ -128,6 +128,15 @@ def test_full_disk_stops_the_build_then_the_same_command_finishes(disk, clean48,
     assert not (before["status"] == 2).any(), set(before["error"])  # no page failed for the world's fault
     assert (before["status"] == 1).sum() == int(m.group(1)) >= 16
     _equal_to(tmp_path / "before.zarr", clean, before["status"] == 1)
+    # the live page and diagnose say the same of the stopped store (here its copy)
+    from pipeline.diagnose import diagnose
+    from pipeline.watch.snapshot import snapshot
+
+    snap = snapshot(tmp_path / "before.zarr")
+    assert snap["writer"]["state"] == "stopped" and snap["writer"]["text"].startswith("stopped: disk full ("), snap
+    assert snap["rate"]["eta_s"] is None
+    report = diagnose(tmp_path / "before.zarr")
+    assert report.ok and any(n.startswith("stopped: disk full") for n in report.notes), report.lines()
     _rerun_finishes(disk, pages, store, tmp_path, clean, before)
 
 
@@ -147,6 +156,54 @@ def test_store_made_read_only_mid_build(disk, clean48, tmp_path):
 
     disk.remount("rw")
     _rerun_finishes(disk, pages, store, tmp_path, clean, before)
+
+
+# --- the classification itself ---------------------------------------------------------------------------
+def test_classify_tells_the_world_from_the_page():
+    import errno
+
+    import s3fs.errors
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    from pipeline.faults import classify
+    from pipeline.manifest import PageError
+
+    def s3(code):
+        err = ClientError({"Error": {"Code": code, "Message": code}}, "PutObject")
+        return s3fs.errors.translate_boto_error(err)
+
+    def page_error_from(cause):
+        try:
+            try:
+                raise cause
+            except OSError as exc:
+                raise PageError(f"cannot read image x.jpg: {exc}") from None
+        except PageError as exc:
+            return exc
+
+    kinds = {
+        OSError(errno.ENOSPC, "No space left on device"): "disk-full",
+        OSError(errno.EROFS, "Read-only file system"): "read-only",
+        PermissionError(errno.EACCES, "Permission denied"): "denied",
+        OSError(errno.EIO, "Input/output error"): "io-error",
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"): "unreachable",
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:1"): "unreachable",
+        ReadTimeoutError(endpoint_url="http://127.0.0.1:1"): "timeout",
+        s3("SlowDown"): "throttled",
+        s3("503"): "throttled",
+        s3("InternalError"): "server-error",
+        s3("ExpiredToken"): "denied",
+        s3("AccessDenied"): "denied",
+        page_error_from(ConnectionResetError(errno.ECONNRESET, "reset")): "unreachable",
+    }
+    for exc, kind in kinds.items():
+        fault = classify(exc)
+        assert fault is not None and fault.kind == kind, (exc, fault)
+    # the page's own faults, and bugs, are not the world's
+    for exc in (FileNotFoundError(errno.ENOENT, "x.jpg"), s3("NoSuchKey"), PageError("manifest is not JSON"),
+                page_error_from(FileNotFoundError(errno.ENOENT, "x.jpg")), ValueError("bad"), KeyError("x"),
+                RuntimeError("verify: pages [0, 8) read back different page_embeddings")):
+        assert classify(exc) is None, exc
 
 
 # --- S3: a real moto server, stalled, killed and started again, its image bucket taken away ---------------
