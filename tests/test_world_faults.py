@@ -67,10 +67,10 @@ def clean48(tmp_path_factory):
     return pages, clean
 
 
-def _build_on_disk(disk, pages, store, extra_env=None) -> subprocess.Popen:
-    return subprocess.Popen(disk.cmd([*PAGECUBE, "build", pages, "--out", store, *COMMON]),
+def _build_on_disk(disk, pages, store, *extra) -> subprocess.Popen:
+    return subprocess.Popen(disk.cmd([*PAGECUBE, "build", pages, "--out", store, *COMMON, *extra]),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=env({**QUICK, **(extra_env or {})}))
+                            env=env(QUICK))
 
 
 def _stop_midway(disk, proc, fault) -> tuple[str, str]:
@@ -141,11 +141,14 @@ def test_full_disk_stops_the_build_then_the_same_command_finishes(disk, clean48,
 
 
 def test_store_made_read_only_mid_build(disk, clean48, tmp_path):
+    """On a local Dask cluster: the task's receipt carries the stop from the worker to the client."""
     pages, clean = clean48
     store = disk.mountpoint / "c.zarr"
-    proc = _build_on_disk(disk, pages, store)
+    # the later --cluster local wins over COMMON's sync
+    proc = _build_on_disk(disk, pages, store, "--cluster", "local", "--workers", "1", "--threads-per-worker", "1")
     out, err = _stop_midway(disk, proc, lambda: disk.remount("ro"))
     assert proc.returncode == STOPPED, err[-3000:]
+    assert "Dask dashboard at" in err, err  # a cluster, not in process
     line = _one_stop_line(err)
     assert re.fullmatch(rf"pagecube: the store is read-only \(Read-only file system; store {re.escape(str(store))}\); "
                         r"\d+ of 48 pages are done and kept; make it writable and run the same command", line), line
