@@ -140,6 +140,31 @@ def test_full_disk_stops_the_build_then_the_same_command_finishes(disk, clean48,
     _rerun_finishes(disk, pages, store, tmp_path, clean, before)
 
 
+def test_a_full_disk_freed_within_the_retry_bound_is_ridden_out(disk, clean48, tmp_path):
+    """Tasks retry with backoff: a disk full for a second or two, then freed, costs no page and no stop."""
+    import time
+
+    pages, clean = clean48
+    store = disk.mountpoint / "c.zarr"
+    proc = subprocess.Popen(disk.cmd([*PAGECUBE, "build", pages, "--out", store, *COMMON]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env({**QUICK, "PAGECUBE_WORLD_RETRY_S": "60"}))
+
+    def full_for_a_while():
+        disk.fill()
+        before = disk.count("c.zarr/_pagecube/chunks")
+        time.sleep(3.0)  # the rest would take about 2 s: the build must be held by the full disk
+        held = proc.poll() is None and disk.count("c.zarr/_pagecube/chunks") <= before + 1
+        disk.free()
+        assert held, "the full disk did not hold the build"
+
+    out, err = _stop_midway(disk, proc, full_for_a_while)
+    assert proc.returncode == 0, err[-3000:]
+    after = disk.copy_out("c.zarr", tmp_path / "after.zarr")
+    assert (read(after, "status") == 1).all()
+    _equal_to(after, clean)
+
+
 def test_store_made_read_only_mid_build(disk, clean48, tmp_path):
     """On a local Dask cluster: the task's receipt carries the stop from the worker to the client."""
     pages, clean = clean48
