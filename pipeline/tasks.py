@@ -290,6 +290,18 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
 _NOT_FOUND = re.compile(r"^(?:image|manifest) not found: (.+)$")
 
 
+def _failed_path(exc: BaseException, ref) -> str:
+    """The file whose read met the world: the image's path when ``load_image`` was reading it (from its
+    frame: errors such as botocore's name only an endpoint URL), else the manifest's."""
+    tb = exc.__traceback__
+    path = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "load_image":
+            path = tb.tb_frame.f_locals.get("path")
+        tb = tb.tb_next
+    return str(path) if path else (ref.path or ref.label)
+
+
 def _location_gone(folder: str, storage_options: dict, whole_task: bool) -> bool:
     """Whether ``folder`` is gone (or cannot be asked): then its pages that are "not found" met a fault
     of the world (a bucket or a mount taken away), not pages that are missing.
@@ -358,9 +370,7 @@ def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget)
             fault = classify(exc)
             if fault is None:
                 return None, None, reason, None
-            found = re.match(r"^cannot read (?:image|manifest) (\S+):", reason)
-            where = found.group(1) if found else (ref.path or ref.label)
-            return None, None, reason, (fault, parent(where))
+            return None, None, reason, (fault, parent(_failed_path(exc, ref)))
 
     def run_batch(items: list[tuple[int, object, object]]) -> None:
         with _phase(seconds, "inference"):

@@ -324,7 +324,7 @@ def _s3_pages(moto, pages: Path, bucket: str, absolute_images: bool = False) -> 
     fs.put(str(pages), f"{bucket}/pages.txt")
 
 
-def _s3_build(moto, pages: str, store: str, *extra, timeout_s: float = 1) -> list[str]:
+def _s3_build(moto, pages: str, store: str, *extra, timeout_s: float = 0.5) -> list[str]:
     # short S3 timeouts: a stalled server is noticed in seconds (the defaults take minutes)
     options = {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
                                  "retries": {"max_attempts": 1}}}
@@ -345,7 +345,7 @@ def _finish(proc, timeout=120) -> tuple[str, str]:
             proc.wait(10)
 
 
-def test_s3_store_stalled_stops_then_resumes(moto, clean48, tmp_path):
+def test_s3_store_stalled_stops_then_resumes(moto, clean48, tmp_path, monkeypatch):
     """The store's S3 server stops answering (SIGSTOP) for longer than the tasks retry: the build stops,
     naming the store; once it answers again the same command finishes every page."""
     pages, clean = clean48
@@ -372,13 +372,29 @@ def test_s3_store_stalled_stops_then_resumes(moto, clean48, tmp_path):
     assert not (status_before == 2).any()
     assert 16 <= (status_before == 1).sum() < 48
 
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env({**moto.env, **QUICK}),
-                           timeout=120)
+    again = _rerun_in_process(cmd, moto, monkeypatch)
     assert again.returncode == 0, again.stderr[-3000:]
     status, written = _s3_arrays(moto, "cubes/stalled.zarr", "status", "written_at")
     assert (status == 1).all()
     done = status_before == 1
     assert np.array_equal(written[done], written_before[done]), "pages done before the stall were redone"
+
+
+def _rerun_in_process(cmd: list[str], moto, monkeypatch) -> subprocess.CompletedProcess:
+    """The same command again, in this process (no interpreter start), with the build's AWS environment."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in moto.env.items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keys instances by arguments, not by the environment
+    try:
+        code, out, err = run(*cmd[len(PAGECUBE):])
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    return subprocess.CompletedProcess(cmd, code, out, err)
 
 
 def _s3_arrays(moto, root: str, *names):
@@ -389,7 +405,7 @@ def _s3_arrays(moto, root: str, *names):
     return [g[n][:] for n in names]
 
 
-def test_s3_pages_refusing_connections_then_back(moto, clean48, tmp_path):
+def test_s3_pages_refusing_connections_then_back(moto, clean48, tmp_path, monkeypatch):
     """The S3 server that holds the pages is killed mid-build (connections refused): the build stops,
     naming that location; started again on the same port with the pages, the same command finishes."""
     pages, clean = clean48
@@ -415,8 +431,7 @@ def test_s3_pages_refusing_connections_then_back(moto, clean48, tmp_path):
 
     moto.start()  # the same port, an empty server: the pages are put back
     _s3_pages(moto, pages, "pages")
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env({**moto.env, **QUICK}),
-                           timeout=120)
+    again = _rerun_in_process(cmd, moto, monkeypatch)
     assert again.returncode == 0, again.stderr[-3000:]
     status, written = read(store, "status", "written_at")
     assert (status == 1).all()
@@ -424,7 +439,7 @@ def test_s3_pages_refusing_connections_then_back(moto, clean48, tmp_path):
     assert np.array_equal(written[done], written_before[done])
 
 
-def test_image_bucket_taken_away_and_restored(moto, tmp_path):
+def test_image_bucket_taken_away_and_restored(moto, tmp_path, monkeypatch):
     """Local manifests whose images are in a bucket; the bucket goes away mid-build: no page fails, the
     build stops naming the image location; restored, the same command finishes.  One image missing from
     a bucket that is there is still a page fault."""
@@ -453,8 +468,7 @@ def test_image_bucket_taken_away_and_restored(moto, tmp_path):
 
     _s3_pages(moto, pages, "imgs", absolute_images=True)  # restored (page 3's image stays missing)
     moto.fs.rm("imgs/images/page_00003.jpg")
-    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env({**moto.env, **QUICK}),
-                           timeout=120)
+    again = _rerun_in_process(cmd, moto, monkeypatch)
     assert again.returncode == 3, again.stderr[-3000:]
     status, written = read(store, "status", "written_at")
     assert np.flatnonzero(status != 1).tolist() == [3]
