@@ -406,13 +406,14 @@ def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget)
 
     pending: list[tuple[int, object, object]] = []
     world: dict[int, tuple] = {}  # page -> (Fault, location): reads that met the world, retried below
-    missing: dict[int, str] = {}  # page -> "not found" reason: page faults, unless every page of the task is one
+    why: dict[int, str] = {}  # page -> the reason of its last read, for a refused one that becomes the page's
+    missing: dict[int, str] = {}  # page -> "not found" reason: page faults, unless their location is gone
     n_read = 0
 
     def take(i: int, page, prepared, reason, fault) -> None:
         nonlocal pending, n_read
         if fault is not None:
-            world[i] = fault
+            world[i], why[i] = fault, reason
             return
         world.pop(i, None)
         if reason is not None:
@@ -444,6 +445,9 @@ def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget)
                     if _location_gone(folder, job.storage_options, whole):
                         for i in pages:
                             world[i] = (Fault("gone", missing.pop(i)), folder)
+            for i in [i for i, (fault, _) in world.items() if fault.kind == "denied" and n_read]:
+                world.pop(i)
+                fail(i, why[i])  # one file refused while others of the task read: the page's own fault
             if not world:
                 break
             fault, where = next(iter(world.values()))

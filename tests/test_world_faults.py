@@ -516,6 +516,7 @@ def test_scheduler_lost_stops_with_one_line_then_a_new_one_finishes(clean48, tmp
                         r"scheduler-connection-lost\); \d+ of 48 pages "
                         r"are done and kept; start a scheduler and workers, and run the same command", line), line
     assert took < 30, f"the stop took {took:.0f} s"
+    print(f"the build stopped {took:.1f} s after the scheduler was killed")
     status_before, written_before, error = read(store, "status", "written_at", "error")
     assert not (status_before == 2).any(), set(error)
     assert 16 <= (status_before == 1).sum() < 48

@@ -237,8 +237,8 @@ class WriterLock:
 
     def release(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._thread is not None:  # a beat stuck on a store that stopped answering is not waited for long:
+            self._thread.join(timeout=1)  # after the delete below its conditional renewal cannot succeed
         if self.lost is None and self._tag is not None:
             from ..faults import bounded
 
