@@ -63,6 +63,41 @@ class Workdir:
             note(f"made a {pages}-page sample ({image_size[0]}x{image_size[1]}) in {time.perf_counter() - t:.1f} s")
         return listing
 
+    def scanned(self, listing: Path, width: int = 1988) -> Path:
+        """The pages of ``listing`` at scan size: upscaled to ``width`` px wide on tinted paper, JPEG
+        quality 90, boxes and ``page_size`` scaled in the manifests (made once per workdir).
+
+        One picture at two sizes, so outputs at both can be compared page by page."""
+        import json
+
+        from PIL import Image
+
+        from pipeline.sample import scan_look
+
+        src = listing.parent
+        folder = self.path / f"{src.name}-scan{width}"
+        out = folder / "pages.txt"
+        if out.exists():
+            return out
+        t = time.perf_counter()
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "manifests").mkdir(parents=True, exist_ok=True)
+        lines = [ln for ln in listing.read_text().splitlines() if ln.strip()]
+        for line in lines:
+            m = json.loads((src / line).read_text())
+            image = Image.open((src / line).parent / m["page_image_path"])
+            k = width / image.width
+            size = (width, round(image.height * k))
+            scan_look(image.convert("RGB").resize(size, Image.LANCZOS)).save(
+                folder / "images" / Path(m["page_image_path"]).name, "JPEG", quality=90)
+            m["page_size"] = {"width": size[0], "height": size[1]}
+            for panel in m["panels"]:
+                panel["panel_coords"] = [v * k for v in panel["panel_coords"]]
+            (folder / line).write_text(json.dumps(m))
+        out.write_text("".join(ln + "\n" for ln in lines))
+        note(f"made {len(lines)} scan-size pages ({width} px wide) in {time.perf_counter() - t:.1f} s")
+        return out
+
     def repeated(self, listing: Path, total: int) -> Path:
         """A list file of ``total`` lines cycling through ``listing`` (same pages reused)."""
         lines = [ln for ln in listing.read_text().splitlines() if ln.strip()]
@@ -236,7 +271,7 @@ def _plain_worker(args):
 
     def load(ref):
         try:
-            return m.prepare(read_page(ref, max_panels=max_panels))
+            return m.prepare(read_page(ref, max_panels=max_panels, panel_side=m.panel_side))
         except PageError:
             return None
 

@@ -37,9 +37,10 @@ def main(argv=None) -> None:
             if why:
                 note(f"{name}: skipped ({why})")
                 continue
-            pages = sample_pages(wd.fresh(f"quality-{n}"), n, seed=0)
+            model = load_model(name, device="cpu")
+            pages = sample_pages(wd.fresh(f"quality-{n}"), n, seed=0, panel_side=model.panel_side)
             t = time.perf_counter()
-            q = measure(load_model(name, device="cpu"), pages)
+            q = measure(model, pages)
             note(f"{name} on {n} pages ({time.perf_counter() - t:.0f} s): {q.line()}")
             goal = ">= 90%" if name == default_model() else None
             figure(f"{name}: pages in exact reading order", 100 * q.order_accuracy, unit="%", goal=goal,
@@ -48,6 +49,13 @@ def main(argv=None) -> None:
                    json_path=args.json, fmt="{:.0f}")
             figure(f"{name}: attention entropy (1 = uniform)", q.attention_entropy, json_path=args.json, fmt="{:.2f}")
             figure(f"{name}: attention peak (x uniform)", q.attention_peak, json_path=args.json, fmt="{:.2f}")
+            if name == default_model():  # the same pages drawn at scan size, decoded at the model's size
+                scans = sample_pages(wd.fresh(f"quality-scan-{n}"), n, seed=0, scan=True, panel_side=model.panel_side)
+                s = measure(model, scans)
+                note(f"{name} on {n} scan-size pages: {s.line()}")
+                figure(f"{name}: pages in exact reading order, scan-size pages", 100 * s.order_accuracy, unit="%",
+                       goal=f"= {100 * q.order_accuracy:.0f}% (sample size)",
+                       ok=s.order_accuracy == q.order_accuracy, json_path=args.json, fmt="{:.0f}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ negative size, or entirely outside the image.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from typing import Any
@@ -34,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageFile
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from . import images
 from .inputs import PageRef, join_path
 from .pages import TEXT_KINDS, Page
 
@@ -150,39 +150,45 @@ def parse_manifest(raw: bytes) -> Manifest:
         raise PageError(_one_line_validation(exc)) from None
 
 
-def load_image(path: str, storage_options: dict | None = None) -> Image.Image:
+def read_image_bytes(path: str, storage_options: dict | None = None) -> bytes:
     try:
         with fsspec.open(path, "rb", **(storage_options or {})) as f:
-            raw = f.read()
+            return f.read()
     except FileNotFoundError:
         raise PageError(f"image not found: {path}") from None
     except OSError as exc:
         raise PageError(f"cannot read image {path}: {exc}") from None
+
+
+def _why(path: str, err: images.ImageDecodeError) -> PageError:
+    reason = str(err)
+    if reason.startswith("image is "):  # over the pixel limit: the size says it all
+        return PageError(reason)
+    if reason.startswith("exceeds"):
+        return PageError(f"image {reason}: {path}")
+    kind, _, detail = reason.partition(": ")
+    return PageError(f"{kind}: {path}: {detail}")
+
+
+def load_image(path: str, storage_options: dict | None = None) -> Image.Image:
+    """The whole image at full size, RGB (for drawing a page; builds decode at the model's size)."""
+    raw = read_image_bytes(path, storage_options)
     try:
-        img = Image.open(io.BytesIO(raw))
-        w, h = img.size
-        if w * h > MAX_IMAGE_PIXELS:
-            raise PageError(f"image is {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} pixel limit")
-        img.load()
-    except PageError:
-        raise
-    except Image.DecompressionBombError:
-        raise PageError(f"image exceeds the decompression-bomb limit: {path}") from None
-    except Exception as exc:  # PIL raises many kinds for corrupt data
-        kind = "not an image" if "cannot identify" in str(exc) else "corrupt or truncated image"
-        raise PageError(f"{kind}: {path}: {exc}") from None
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img.convert("RGB")
+        return images.decode(images.open_image(raw, MAX_IMAGE_PIXELS), 1)[0]
+    except images.ImageDecodeError as err:
+        raise _why(path, err) from None
 
 
 def build_page(m: Manifest, image: Image.Image, max_panels: int) -> Page:
-    """Validate panels against the image, cap them, and assemble the Page."""
-    W, H = image.size
+    """Validate panels against a full-size image, cap them, and assemble the Page."""
+    page = page_from_manifest(m, image.size, max_panels)
+    page.image = image
+    return page
+
+
+def page_from_manifest(m: Manifest, size: tuple[int, int], max_panels: int) -> Page:
+    """Validate panels against the page's ``size`` (width, height), cap them: a Page without its image."""
+    W, H = size
     sx = W / m.page_size.width if m.page_size else 1.0
     sy = H / m.page_size.height if m.page_size else 1.0
     boxes, texts, order = [], [], []
@@ -208,7 +214,8 @@ def build_page(m: Manifest, image: Image.Image, max_panels: int) -> Page:
     arr = np.array(boxes, dtype=np.float32).reshape(-1, 4)[keep]
     return Page(
         page_id=_meta_str(m.page_id),
-        image=image,
+        image=None,
+        page_size=(int(W), int(H)),
         boxes=arr,
         texts=[texts[j] for j in keep],
         n_panels=n,
@@ -236,9 +243,22 @@ def read_manifest_bytes(ref: PageRef, storage_options: dict | None = None) -> by
 
 
 def read_page(ref: PageRef, *, max_panels: int, image_root: str | None = None,
-              storage_options: dict | None = None) -> Page:
-    """Everything for one page, or PageError. Runs on workers, in a thread pool."""
+              storage_options: dict | None = None, panel_side: int | None = None) -> Page:
+    """Everything for one page, or PageError. Runs on workers, in a thread pool.
+
+    ``panel_side`` is the side the model resizes panel crops to (``PageModel.panel_side``): the image
+    is decoded just large enough for it (see :mod:`pipeline.images`); None decodes in full.
+    """
     manifest = parse_manifest(read_manifest_bytes(ref, storage_options))
     image_path = join_path(image_root or ref.base_dir, manifest.page_image_path)
-    image = load_image(image_path, storage_options)
-    return build_page(manifest, image, max_panels)
+    raw = read_image_bytes(image_path, storage_options)
+    try:
+        header = images.open_image(raw, MAX_IMAGE_PIXELS)
+        declared = (manifest.page_size.width, manifest.page_size.height) if manifest.page_size else None
+        orientation = images.orientation_for(header, declared)
+        page = page_from_manifest(manifest, images.upright_size(header, orientation), max_panels)
+        reduction = images.reduction_for(page.boxes, page.size, panel_side)
+        page.image, page.image_scale = images.decode(header, reduction, orientation)
+    except images.ImageDecodeError as err:
+        raise _why(image_path, err) from None
+    return page

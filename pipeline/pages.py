@@ -25,12 +25,14 @@ class Page:
     """
 
     page_id: str
-    image: Image.Image  # RGB
+    image: Image.Image | None  # RGB, decoded at ``image_scale`` of the page (None before decoding / after prepare)
     boxes: np.ndarray
     texts: list[str]
     n_panels: int
     true_order: np.ndarray | None = None  # order_index of kept panels, for evaluation
     meta: dict = field(default_factory=dict)  # source, series, volume, issue, page_num
+    image_scale: float = 1.0  # image pixels per page pixel: 1/2, 1/4 or 1/8 when decoded for a model's crops
+    page_size: tuple[int, int] | None = None  # (width, height) of the full page, the frame of ``boxes``
 
     @property
     def n_kept(self) -> int:
@@ -38,4 +40,11 @@ class Page:
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.image.size
+        """The full page's (width, height) in pixels, whatever size the image was decoded at."""
+        return self.page_size if self.page_size is not None else self.image.size
+
+    def image_boxes(self) -> np.ndarray:
+        """``boxes`` in the decoded image's pixels (what a model crops)."""
+        from .images import scaled
+
+        return scaled(self.boxes, self.image_scale)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["make_sample", "SERIES"]
+__all__ = ["make_sample", "scan_look", "SERIES", "SCAN_SIZE"]
 
 SERIES = (
     "Lantern Street Irregulars",
@@ -241,7 +241,7 @@ def _colour(rng: random.Random, lo: int = 30, hi: int = 230) -> tuple[int, int, 
     return (rng.randint(lo, hi), rng.randint(lo, hi), rng.randint(lo, hi))
 
 
-def _draw_art(d: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> None:
+def _draw_art(d: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random, ink: int = 2) -> None:
     if rng.random() < 0.5:  # ground
         gy = rng.randint(h // 2, h - 1)
         d.rectangle([0, gy, w, h], fill=_colour(rng, 90, 200))
@@ -251,18 +251,18 @@ def _draw_art(d: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random) -> Non
         rx, ry = rng.randint(max(4, w // 12), max(5, w // 3)), rng.randint(max(4, h // 12), max(5, h // 3))
         fill, line = _colour(rng), (0, 0, 0)
         if kind < 0.4:
-            d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill, outline=line, width=2)
+            d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill, outline=line, width=ink)
         elif kind < 0.7:
-            d.rectangle([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill, outline=line, width=2)
+            d.rectangle([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill, outline=line, width=ink)
         else:
             k = rng.randint(3, 6)
             angles = sorted(rng.uniform(0, 2 * np.pi) for _ in range(k))
             pts = [(cx + rx * float(np.cos(a)), cy + ry * float(np.sin(a))) for a in angles]
-            d.polygon(pts, fill=fill, outline=line, width=2)
+            d.polygon(pts, fill=fill, outline=line, width=ink)
 
 
 def _draw_text(d: ImageDraw.ImageDraw, w: int, h: int, text: dict, page_w: int,
-               rng: random.Random) -> list[Box]:
+               rng: random.Random, ink: int = 2) -> list[Box]:
     """Caption, balloons and sfx inside a w x h panel; returns balloon boxes (panel coords)."""
     pad = max(3, w // 40)
     size = max(9, min(round(page_w * 0.018), round(w * 0.07)))
@@ -294,8 +294,8 @@ def _draw_text(d: ImageDraw.ImageDraw, w: int, h: int, text: dict, page_w: int,
         cx, cy = ex + ew / 2, ey + eh / 2
         tip = (cx + rng.uniform(-0.3, 0.3) * ew, min(h - 1, ey + eh + rng.uniform(0.2, 0.5) * eh))
         d.polygon([(cx - ew * 0.1, cy + eh * 0.3), (cx + ew * 0.1, cy + eh * 0.3), tip],
-                  fill=(255, 255, 255), outline=(0, 0, 0), width=2)
-        d.ellipse([ex, ey, ex + ew - 1, ey + eh - 1], fill=(255, 255, 255), outline=(0, 0, 0), width=2)
+                  fill=(255, 255, 255), outline=(0, 0, 0), width=ink)
+        d.ellipse([ex, ey, ex + ew - 1, ey + eh - 1], fill=(255, 255, 255), outline=(0, 0, 0), width=ink)
         d.multiline_text((cx, cy), s, font=font, fill=(0, 0, 0), anchor="mm", align="center", spacing=2)
         balloons.append((ex, ey, ew, eh))
         top = ey + round(eh * 0.85)  # the next balloon sits lower
@@ -305,18 +305,19 @@ def _draw_text(d: ImageDraw.ImageDraw, w: int, h: int, text: dict, page_w: int,
         x = rng.randint(pad, max(pad, int(w - tw - pad)))
         y_hi = max(pad, h - pad - f.size)
         y = rng.randint(min(max(pad, h // 2), y_hi), y_hi)
-        d.text((x, y), word, font=f, fill=_colour(rng, 150, 255), stroke_width=2, stroke_fill=(0, 0, 0))
+        d.text((x, y), word, font=f, fill=_colour(rng, 150, 255), stroke_width=ink, stroke_fill=(0, 0, 0))
     return balloons
 
 
 def _draw_page(W: int, H: int, boxes: list[Box], texts: list[dict], rng: random.Random):
     page = Image.new("RGB", (W, H), (255, 255, 255))
     balloons: list[list[list[int]]] = []
+    ink = max(2, round(2 * W / 800))  # line art keeps its weight on larger pages (2 px up to 1000 px wide)
     for (x, y, w, h), text in zip(boxes, texts):
         panel = Image.new("RGB", (w, h), _colour(rng, 170, 250))
         d = ImageDraw.Draw(panel)
-        _draw_art(d, w, h, rng)
-        bl = _draw_text(d, w, h, text, W, rng)
+        _draw_art(d, w, h, rng, ink)
+        bl = _draw_text(d, w, h, text, W, rng, ink)
         page.paste(panel, (x, y))
         balloons.append([[x + bx, y + by, bw, bh] for bx, by, bw, bh in bl])
     d = ImageDraw.Draw(page)
@@ -324,6 +325,12 @@ def _draw_page(W: int, H: int, boxes: list[Box], texts: list[dict], rng: random.
     for x, y, w, h in boxes:
         d.rectangle([x, y, x + w - 1, y + h - 1], outline=(0, 0, 0), width=bw)
     return page, balloons
+
+
+def scan_look(img: Image.Image) -> Image.Image:
+    """The faint warm tint of scanned paper (a printed page is not pure white); art stays flat colour."""
+    r, g, b = img.split()
+    return Image.merge("RGB", (r, g.point(lambda v: max(0, v - 3)), b.point(lambda v: max(0, v - 9))))
 
 
 # ----------------------------------------------------------------------------- api
@@ -357,14 +364,19 @@ def _spec(seed: int, index: int, W: int, H: int) -> _Spec:
     return _Spec(boxes, [_panel_text(trng) for _ in boxes])
 
 
+#: A common size of digital comic scans (width, height), for ``pagecube sample --size``.
+SCAN_SIZE = (1988, 3056)
+
+
 def make_sample(out_dir: str | Path, pages: int, seed: int = 0, *,
-                image_size: tuple[int, int] = (800, 1200), twins: int = 0) -> Path:
+                image_size: tuple[int, int] = (800, 1200), twins: int = 0, scan: bool = False) -> Path:
     """Write ``pages`` synthetic comic pages under ``out_dir`` and return ``pages.txt``.
 
     Writes ``images/page_00000.jpg ...``, ``manifests/page_00000.json ...`` (panel
     ``order_index`` is the true reading order; panels are listed shuffled on most
     pages) and ``pages.txt`` with one manifest path a line, relative to its folder.
-    ``image_size`` is ``(width, height)``.  With ``twins=k`` the last ``k`` pages
+    ``image_size`` is ``(width, height)``.  ``scan=True`` makes the pages look like scans: flat
+    colour and line art on tinted paper, JPEG quality 90 (about 0.3-0.6 MB a page at :data:`SCAN_SIZE`).  With ``twins=k`` the last ``k`` pages
     carry the panel texts of pages ``0..k-1`` with different drawings.
     Same arguments give byte-identical files.
     """
@@ -391,7 +403,9 @@ def make_sample(out_dir: str | Path, pages: int, seed: int = 0, *,
             spec = _spec(seed, i, W, H)
         n = len(spec.boxes)
         img, balloons = _draw_page(W, H, spec.boxes, spec.texts, _rng(seed, i, _ART))
-        img.save(out / "images" / f"{name}.jpg", "JPEG", quality=85)
+        if scan:
+            img = scan_look(img)
+        img.save(out / "images" / f"{name}.jpg", "JPEG", quality=90 if scan else 85)
 
         mrng = _rng(seed, i, _META)
         slots = list(range(n))

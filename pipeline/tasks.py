@@ -350,6 +350,7 @@ def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget)
         store(lambda: _keep_done(group, region, keep, start, stop))
     region["manifest_path"][:] = [r.label for r in refs]
     reasons: list[str] = []
+    side = getattr(model, "panel_side", None)  # decode pages just large enough for the model's crops
 
     def fail(i: int, reason: str) -> None:
         region["status"][i] = STATUS_FAILED
@@ -361,7 +362,7 @@ def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget)
         """(page, prepared, reason, fault): ``fault`` is (Fault, location) when the read met the world."""
         try:
             page = read_page(ref, max_panels=job.max_panels, image_root=job.image_root,
-                             storage_options=job.storage_options)
+                             storage_options=job.storage_options, panel_side=side)
             prepared = model.prepare(page)
             page.image = None  # the decoded page is not needed past prepare: free it now
             return page, prepared, None, None

@@ -141,3 +141,16 @@ def test_bad_arguments(tmp_path):
         make_sample(tmp_path, 4, twins=3)
     with pytest.raises(ValueError):
         make_sample(tmp_path, -1)
+
+
+def test_scan_size_from_the_command_line(tmp_path):
+    from conftest import run_cli
+
+    run_cli("sample", tmp_path / "scans", "--pages", 2, "--size", "1988x3056", check=0)
+    m = json.loads((tmp_path / "scans" / "manifests" / "page_00001.json").read_text())
+    assert m["page_size"] == {"width": 1988, "height": 3056}
+    assert Image.open(tmp_path / "scans" / "images" / "page_00001.jpg").size == (1988, 3056)
+    bad = run_cli("sample", tmp_path / "bad", "--pages", 2, "--size", "1988")
+    assert bad.returncode == 2
+    assert "expected WIDTHxHEIGHT" in bad.stderr and not (tmp_path / "bad").exists()
+

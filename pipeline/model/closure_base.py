@@ -51,7 +51,7 @@ from .protocol import ModelInfo  # noqa: E402
 from .runtime import (  # noqa: E402
     check_common, embedding_dim_of, inference, named_outputs, resolve_device, seeded, to_device, weights_identity,
 )
-from .tiny import crop_panel  # noqa: E402
+from ..images import crop_panels, least_side  # noqa: E402
 
 DEFAULT_DIM = 384
 POOL_HEADS = 8  # attention-pooling heads (48 dims each at 384)
@@ -174,16 +174,17 @@ class ClosureBaseModel:
         self.device = device
         self.max_tokens = max_tokens
         self.image_size = int(module.vision.config.image_size)
+        self.panel_side = least_side(self.image_size)  # pages are decoded just large enough for these crops
 
     def prepare(self, page) -> BasePrepared:
         image = page.image if page.image.mode == "RGB" else page.image.convert("RGB")
         boxes = np.asarray(page.boxes, dtype=np.float32).reshape(-1, 4)[: self.info.max_panels]
         n = boxes.shape[0]
         s = self.image_size
-        crops = np.stack([crop_panel(image, box, s) for box in boxes]) if n else np.zeros((0, s, s, 3), np.uint8)
+        crops = crop_panels(image, page.image_boxes()[:n], s)
         texts = [(t or "") for t in list(page.texts)[:n]] + [""] * max(0, n - len(page.texts))
         ids = [self.tokens.encode_ids(t, self.max_tokens) for t in texts]
-        return BasePrepared(crops, ids, boxes, image.size)
+        return BasePrepared(crops, ids, boxes, page.size)
 
     def collate(self, prepared: list[BasePrepared]) -> dict[str, Tensor]:
         b, p, s = len(prepared), self.info.max_panels, self.image_size

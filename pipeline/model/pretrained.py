@@ -62,7 +62,7 @@ from . import efficientnet, minilm  # noqa: E402
 from .checkpoint import file_digest  # noqa: E402
 from .layers import box_features, masked_softmax  # noqa: E402
 from .runtime import check_common, resolve_device  # noqa: E402
-from .tiny import crop_panel  # noqa: E402
+from ..images import crop_panels, least_side  # noqa: E402
 
 DEFAULT_DIM = 384
 RECIPE = "pretrained-v1"  # bump when the feature recipe changes: it is part of the weights digest
@@ -248,6 +248,7 @@ class PretrainedModel:
         self.info = info
         self.device = device
         self.crop_size = crop_size
+        self.panel_side = least_side(crop_size)  # pages are decoded just large enough for these crops
         self.reading_direction = reading_direction
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
@@ -270,7 +271,7 @@ class PretrainedModel:
         n = boxes.shape[0]
         s = self.crop_size
         if n:
-            crops = np.stack([crop_panel(image, box, s) for box in boxes])
+            crops = crop_panels(image, page.image_boxes()[:n], s)
         else:
             crops = np.asarray(image.resize((s, s), Image.BILINEAR), dtype=np.uint8)[None]
         texts = [(t or "").strip() for t in list(page.texts)[:n]] + [""] * max(0, n - len(page.texts))
@@ -279,7 +280,7 @@ class PretrainedModel:
         for i, seq in zip(nonempty, minilm.tokenize(self.tokenizer, [texts[i] for i in nonempty])):
             ids[i] = seq
         order = geometric_reading_order(boxes, self.reading_direction)
-        return PretrainedPrepared(crops, ids, boxes, image.size, order)
+        return PretrainedPrepared(crops, ids, boxes, page.size, order)
 
     def collate(self, prepared: list[PretrainedPrepared]) -> dict:
         b, p = len(prepared), self.info.max_panels

@@ -44,6 +44,11 @@ class PageModel(Protocol):
 
     info: ModelInfo
     device: str
+    #: Optional: the side in pixels that panel crops are resized to.  Pages are then decoded just
+    #: large enough that every crop keeps at least this many pixels a side (JPEG DCT scaling), and
+    #: ``prepare`` gets ``page.image`` at ``page.image_scale`` of the page: crop ``page.image_boxes()``.
+    #: A model without it gets the full image (``image_scale == 1``).
+    panel_side: int | None
 
     def prepare(self, page: "Page") -> Any:
         """CPU work for one page (crops, resize, tokenisation). Thread-safe."""

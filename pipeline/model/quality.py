@@ -66,11 +66,17 @@ def measure(model, pages: list[Page], batch_size: int = 16) -> Quality:
                    float(np.mean(peak)) if peak else float("nan"))
 
 
-def sample_pages(folder, n: int, seed: int = 0, max_panels: int = 12) -> list[Page]:
-    """``n`` synthetic pages (:mod:`pipeline.sample`) made in ``folder`` and read as a build reads them."""
+def sample_pages(folder, n: int, seed: int = 0, max_panels: int = 12, *, scan: bool = False,
+                 panel_side: int | None = None) -> list[Page]:
+    """``n`` synthetic pages (:mod:`pipeline.sample`) made in ``folder`` and read as a build reads them.
+
+    ``scan``: at scan size (:data:`pipeline.sample.SCAN_SIZE`); ``panel_side``: the model's, so pages are
+    decoded as that model's build decodes them."""
     from ..inputs import PageSource
     from ..manifest import read_page
-    from ..sample import make_sample
+    from ..sample import SCAN_SIZE, make_sample
 
-    listing = make_sample(folder, n, seed=seed)
-    return [read_page(ref, max_panels=max_panels) for ref in PageSource(str(listing)).slice(0, n).refs()]
+    extra = {"image_size": SCAN_SIZE, "scan": True} if scan else {}
+    listing = make_sample(folder, n, seed=seed, **extra)
+    return [read_page(ref, max_panels=max_panels, panel_side=panel_side)
+            for ref in PageSource(str(listing)).slice(0, n).refs()]

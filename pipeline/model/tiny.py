@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ..images import crop_panels, least_side
 from .checkpoint import CheckpointError, apply_state_dict, load_state_dict
 from .layers import (
     GatedFusion,
@@ -115,19 +116,6 @@ class TinyPrepared:
     page_size: tuple[int, int]
 
 
-def crop_panel(image: Image.Image, box, size: int) -> np.ndarray:
-    """Crop one panel and resize to ``size``² in one PIL call; at least 1 px of source."""
-    width, height = image.size
-    x, y, w, h = (float(v) for v in box)
-    x0 = min(max(x, 0.0), max(width - 1.0, 0.0))
-    y0 = min(max(y, 0.0), max(height - 1.0, 0.0))
-    x1 = min(max(x + w, x0 + 1.0), float(max(width, 1)))
-    y1 = min(max(y + h, y0 + 1.0), float(max(height, 1)))
-    x1, y1 = max(x1, x0 + 1e-3), max(y1, y0 + 1e-3)
-    out = image.resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))
-    return np.asarray(out, dtype=np.uint8)
-
-
 def encode_text(text: str, length: int) -> np.ndarray:
     """UTF-8 bytes shifted by one (0 is padding), truncated/padded to ``length``."""
     data = np.frombuffer(text.encode("utf-8", "replace")[:length], dtype=np.uint8).astype(np.int16) + 1
@@ -144,20 +132,19 @@ class TinyModel:
         self.info = info
         self.device = device
         self.crop_size = crop_size
+        self.panel_side = least_side(crop_size)  # pages are decoded just large enough for these crops
         self.text_bytes = text_bytes
 
     def prepare(self, page) -> TinyPrepared:
         image = page.image if page.image.mode == "RGB" else page.image.convert("RGB")
         boxes = np.asarray(page.boxes, dtype=np.float32).reshape(-1, 4)[: self.info.max_panels]
         n = boxes.shape[0]
-        crops = np.zeros((n, self.crop_size, self.crop_size, 3), dtype=np.uint8)
-        for i, box in enumerate(boxes):
-            crops[i] = crop_panel(image, box, self.crop_size)
+        crops = crop_panels(image, page.image_boxes()[:n], self.crop_size)
         texts = list(page.texts)[:n] + [""] * max(0, n - len(page.texts))
         tokens = np.stack([encode_text(t or "", self.text_bytes) for t in texts]) if n else (
             np.zeros((0, self.text_bytes), dtype=np.int16)
         )
-        return TinyPrepared(crops, tokens, boxes, image.size)
+        return TinyPrepared(crops, tokens, boxes, page.size)
 
     def collate(self, prepared: list[TinyPrepared]) -> dict[str, Tensor]:
         b, p, s, length = len(prepared), self.info.max_panels, self.crop_size, self.text_bytes
