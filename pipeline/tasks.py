@@ -291,12 +291,12 @@ _NOT_FOUND = re.compile(r"^(?:image|manifest) not found: (.+)$")
 
 
 def _failed_path(exc: BaseException, ref) -> str:
-    """The file whose read met the world: the image's path when ``load_image`` was reading it (from its
-    frame: errors such as botocore's name only an endpoint URL), else the manifest's."""
+    """The file whose read met the world: the image's path when ``read_image_bytes`` was reading it (from
+    its frame: errors such as botocore's name only an endpoint URL), else the manifest's."""
     tb = exc.__traceback__
     path = None
     while tb is not None:
-        if tb.tb_frame.f_code.co_name == "load_image":
+        if tb.tb_frame.f_code.co_name in ("read_image_bytes", "load_image"):
             path = tb.tb_frame.f_locals.get("path")
         tb = tb.tb_next
     return str(path) if path else (ref.path or ref.label)
