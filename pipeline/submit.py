@@ -246,8 +246,9 @@ def result(fut, watch):
             return fut.result(timeout=1.0)
         except TimeoutError:
             if fut.status in ("error", "cancelled"):
-                raise  # the task's own TimeoutError
-            watch.check()
+                return fut.result()  # it ended meanwhile: raise its own outcome (KilledWorker ...), not our wait's
+        watch.check()  # outside the handler: a NoWorkers raised in it would carry our wait's TimeoutError,
+        # which faults.classify would read as the store timing out
 
 
 def run_chunk_marked(task, source, job):
