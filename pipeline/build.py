@@ -332,10 +332,11 @@ def build(
                 with sigterm_as_interrupt(), build_span(client, job.run_id):
                     receipts = run_tasks(plan, source, job, handle, resources, bar, reasons, lease=lock,
                                          no_workers_timeout=no_workers_timeout)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as stop:
                 bar.close()
                 say(f"pagecube: interrupted; finished chunks are kept. Resume with the same command "
                      f"(pagecube build {pages} --out {out})")
+                stop.said = True  # the command line says no more
                 raise
             except NoWorkers as exc:
                 bar.close()
