@@ -41,3 +41,62 @@ def test_ctrl_c_gives_one_line_and_nothing_from_the_workers(tmp_path):
     assert lines[at[0]:] == [lines[at[0]]], f"output after the interrupted line:\n{err}"
     assert all(line.startswith("pagecube: ") for line in lines), err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+# --- usage errors and help ---------------------------------------------------------------------
+
+def _commands() -> dict:
+    import typer
+
+    from pipeline.cli.commands import app
+
+    return typer.main.get_command(app).commands
+
+
+def _one_usage_line(*args) -> str:
+    from faultkit import run
+
+    code, out, err = run(*args)
+    assert code == 2, (args, code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pagecube: error: "), (args, err)
+    assert "Usage:" not in err and "Try " not in err, (args, err)
+    return lines[0]
+
+
+def test_every_usage_error_is_one_line_with_what_to_do():
+    commands = _commands()
+    assert {"build", "status", "summary", "sample", "show", "similar", "diagnose"} <= set(commands)
+    for name, command in commands.items():
+        required = [p for p in command.params if p.param_type_name == "argument" and p.required]
+        if required:  # a missing argument names it, with the usage line
+            line = _one_usage_line(name)
+            assert f"'{required[0].name.upper()}'" in line and f"usage: pagecube {name} [OPTIONS]" in line, line
+        line = _one_usage_line(name, "x", "--zzz")  # an unknown option
+        assert "no such option --zzz" in line and f"see pagecube {name} -h" in line, line
+    line = _one_usage_line("build", "pages.txt", "--out", "c.zarr", "--worker", "2")
+    assert line == "pagecube: error: no such option --worker for pagecube build; did you mean --workers?"
+    line = _one_usage_line("build", "pages.txt", "--out", "c.zarr", "--workers", "two")  # a bad value
+    assert "'--workers'" in line and line.endswith("see pagecube build -h"), line
+    assert "--port" in _one_usage_line("status", "c.zarr", "--serve", "--port", "70000")
+    assert "'--out'" in _one_usage_line("build", "pages.txt")  # a missing option
+    assert "did you mean 'build'" in _one_usage_line("biuld", "pages.txt").lower()  # a misspelt command
+
+
+def test_help_shows_flags_as_flags_and_arguments_in_capitals():
+    from faultkit import run
+
+    for name, command in _commands().items():
+        code, out, err = run(name, "--help")
+        assert code == 0, err
+        usage = next(line for line in out.splitlines() if "Usage:" in line)
+        args = [p for p in command.params if p.param_type_name == "argument"]
+        pieces = [p.name.upper() if p.required else f"[{p.name.upper()}]" for p in args]
+        assert usage.split("Usage:")[1].split() == ["pagecube", name, "[OPTIONS]", *pieces], usage
+        assert "<bool>" not in out and "{" not in usage, out
+        flags = [p.opts[0] for p in command.params if getattr(p, "is_flag", False) and p.opts[0] != "--help"]
+        for flag in flags:
+            row = next(line for line in out.splitlines() if f" {flag} " in line)
+            assert "<" not in row, row  # no type label beside a flag
+    line = _one_usage_line("build", "pages.txt", "--out", "c.zarr", "--overwrite", "true")
+    assert line.startswith("pagecube: error: --overwrite takes no value (got 'true')"), line
