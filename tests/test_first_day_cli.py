@@ -100,3 +100,21 @@ def test_help_shows_flags_as_flags_and_arguments_in_capitals():
             assert "<" not in row, row  # no type label beside a flag
     line = _one_usage_line("build", "pages.txt", "--out", "c.zarr", "--overwrite", "true")
     assert line.startswith("pagecube: error: --overwrite takes no value (got 'true')"), line
+
+
+# --- a folder given as the page list -----------------------------------------------------------
+
+def test_a_folder_as_the_page_list_says_what_to_pass(sample40, tmp_path):
+    import shutil
+
+    folder = sample40.parent
+    line = _one_usage_line("build", folder, "--out", tmp_path / "c.zarr", "--cluster", "sync")
+    assert line == (f"pagecube: error: {folder} is a folder, not a page list: pass its page list {folder}/pages.txt, "
+                    f"or a quoted glob of its manifests, '{folder}/manifests/*.json'")
+    bare = tmp_path / "bare"  # manifests only, no list file
+    shutil.copytree(folder / "manifests", bare / "manifests")
+    line = _one_usage_line("build", bare, "--out", tmp_path / "c.zarr", "--cluster", "sync")
+    assert f"pass a quoted glob of its manifests, '{bare}/manifests/*.json'" in line, line
+    assert not (tmp_path / "c.zarr").exists()
+    assert _one_usage_line("build", tmp_path / "none", "--out", tmp_path / "c.zarr", "--cluster", "sync") == \
+        f"pagecube: error: page list not found: {tmp_path / 'none'}"
