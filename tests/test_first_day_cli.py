@@ -118,3 +118,40 @@ def test_a_folder_as_the_page_list_says_what_to_pass(sample40, tmp_path):
     assert not (tmp_path / "c.zarr").exists()
     assert _one_usage_line("build", tmp_path / "none", "--out", tmp_path / "c.zarr", "--cluster", "sync") == \
         f"pagecube: error: page list not found: {tmp_path / 'none'}"
+
+
+# --- a store made with other settings ----------------------------------------------------------
+
+def test_other_settings_are_refused_before_any_cluster_with_short_digests(sample40, tmp_path):
+    import re
+
+    from conftest import run_cli
+    from faultkit import run
+
+    store = tmp_path / "s.zarr"
+    code, _, err = run("build", sample40, "--out", store, "--cluster", "sync", "--model", "tiny", "--init-only")
+    assert code == 0, err
+    checkpoint = tmp_path / "other.pt"
+    checkpoint.write_bytes(bytes(range(256)) * 8)
+    import hashlib
+
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    cases = {("--seed", "1"): "weights_digest 'seed:0' (store) vs 'seed:1' (this build)",
+             ("--checkpoint", checkpoint): f"weights_digest 'seed:0' (store) vs '{sha[:12]}' (this build)",
+             ("--embedding-dtype", "float16"): "embedding_dtype 'float32' (store) vs 'float16' (this build)",
+             ("--embedding-dim", "32"): "embedding_dim 128 (store) vs 32 (this build)"}
+    for i, (args, why) in enumerate(cases.items()):
+        # on a local cluster (in a process of its own): refused before it starts, no dashboard line
+        if i < 2:
+            proc = run_cli("build", sample40, "--out", store, "--workers", "1", "--no-progress", *args, check=2)
+            err = proc.stderr
+        else:
+            code, _, err = run("build", sample40, "--out", store, "--cluster", "sync", *args)
+            assert code == 2, err
+        assert err.splitlines() == [f"pagecube: error: store {store} was made with different settings: "
+                                    f"{why}; use --overwrite to start afresh (or a new --out)"], err
+        assert not re.search(r"[0-9a-f]{13,}", err), err
+    assert not (store / "_pagecube" / "lock.json").exists()
+    from pipeline.resume_check import short_digest
+
+    assert short_digest("ab" * 32) == "ab" * 6 and short_digest("seed:3") == "seed:3" and short_digest(128) == 128
