@@ -155,3 +155,44 @@ def test_other_settings_are_refused_before_any_cluster_with_short_digests(sample
     from pipeline.resume_check import short_digest
 
     assert short_digest("ab" * 32) == "ab" * 6 and short_digest("seed:3") == "seed:3" and short_digest(128) == 128
+
+
+# --- status --watch into a file ----------------------------------------------------------------
+
+def test_status_watch_off_a_terminal_prints_a_line_per_interval_with_the_index_rate(tmp_path):
+    """``status --watch`` with its output in a pipe, during a build held at a known pace (batches of 4
+    pages, 0.5 s each on one thread: at most 8 pages/s): plain lines while it runs, flushed one by one."""
+    import re
+    import time
+
+    from faultkit import popen_build
+
+    pages = make_pages(tmp_path / "s", 48, seed=26)
+    store = tmp_path / "w.zarr"
+    build = popen_build(pages, store, "--cluster", "sync", "--chunk-pages", "8", "--batch-size", "4",
+                        "--model", MODEL, extra_env={"FAULTKIT_DELAY": "0.5"})
+    watch = None
+    try:
+        wait_for(lambda: len(index_entries(store)) >= 1, 90, "a finished chunk", build)
+        watch = subprocess.Popen([*CLI, "status", str(store), "--watch", "--every", "0.5"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cli_env())
+        first = watch.stdout.readline()  # blocks until the first line comes: not at the end of the build
+        assert build.poll() is None, "the build ended before the watch printed anything"
+        got = re.fullmatch(r"\d\d:\d\d:\d\d  building  done (\d+)/48 \([\d.]+%\)  failed 0  pending (\d+)  "
+                           r"rate ([\d.]+) pages/s  ETA ([\d.]+) min\n", first)
+        assert got, first
+        rate = float(got.group(3))
+        assert 0.5 <= rate <= 8 * 1.5, first  # the pace the build is held at, not milliseconds between stamps
+        assert float(got.group(4)) * 60 >= int(got.group(2)) / 8 * 0.9, first  # no ETA of 0 with pages pending
+        assert build.wait(timeout=120) == 0, build.stderr.read()
+        out, err = watch.communicate(timeout=60)
+    finally:
+        for proc in (build, watch):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    assert watch.returncode == 0, err
+    lines = (first + out).splitlines()
+    plain = [ln for ln in lines if "  building  " in ln]
+    assert len(plain) >= 2, lines  # one per interval while the build ran
+    final = lines[lines.index(f"store    {store}"):]  # then the final status, once
+    assert final[1:3] == ["pages    48  done 48 (100.0%)  failed 0  pending 0", "writer   unlocked"], out
