@@ -196,3 +196,18 @@ def test_status_watch_off_a_terminal_prints_a_line_per_interval_with_the_index_r
     assert len(plain) >= 2, lines  # one per interval while the build ran
     final = lines[lines.index(f"store    {store}"):]  # then the final status, once
     assert final[1:3] == ["pages    48  done 48 (100.0%)  failed 0  pending 0", "writer   unlocked"], out
+
+
+# --- the checkout as the tests found it --------------------------------------------------------
+
+def test_an_offline_job_script_makes_no_log_folder(tmp_path, monkeypatch):
+    """``log_directory: slurm-logs`` (as in examples/slurm.yaml): the script names it, nothing makes it
+    (dask-jobqueue makes it when a job is made: an empty slurm-logs/ was left in the checkout)."""
+    from cluster.specs import slurm_job_script
+
+    monkeypatch.chdir(tmp_path)
+    for kind, directive in (("slurm", "#SBATCH -e slurm-logs/dask-worker-%J.err"), ("pbs", "#PBS -e slurm-logs/")):
+        script = slurm_job_script({"kind": kind, "cores": 1, "memory": "1GB", "log_directory": "slurm-logs"})
+        assert directive in script, script
+        assert "jobqueue-logs-" not in script
+    assert list(tmp_path.iterdir()) == []
