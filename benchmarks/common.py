@@ -271,7 +271,7 @@ def _plain_worker(args):
 
     def load(ref):
         try:
-            return m.prepare(read_page(ref, max_panels=max_panels))
+            return m.prepare(read_page(ref, max_panels=max_panels, panel_side=m.panel_side))
         except PageError:
             return None
 

@@ -43,7 +43,7 @@ def main() -> None:
     model = load_model(a.model, device=a.device)
 
     def load(ref):
-        page = read_page(ref, max_panels=model.info.max_panels)
+        page = read_page(ref, max_panels=model.info.max_panels, panel_side=getattr(model, "panel_side", None))
         return model.prepare(page)
 
     def rate(fn, per_call: int) -> float:

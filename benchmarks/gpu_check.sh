@@ -7,6 +7,8 @@
 #       the GPU, against the default of several) or MODEL+overlap (PAGECUBE_OVERLAP_TASKS=1 on
 #       the workers: a task writes its region while the next one reads)
 #   GPU_CHECK_REHEARSE=1 is the same as --rehearse.
+#   GPU_CHECK_SIZE=WxH sets the pages' size (default 1988x3056, a common size of real scans, drawn
+#   like a scan by `pagecube sample --size`; 800x1200 gives the sample pages of earlier figures).
 #
 # Prepare it where PyPI is reachable (the GPU machine reaches no package index):
 #   .venv/bin/python benchmarks/gpu_wheels.py      fills .whl/ with the wheels that machine lacks
@@ -15,7 +17,7 @@
 # temporary folder put first on PYTHONPATH (nothing else is touched) and pagecube runs
 # from there.  PYTHON=... picks another interpreter (default: .venv/bin/python, else python3).
 #
-# Makes a synthetic sample of 256 pages, cycled to PAGES lines, and builds it with
+# Makes a synthetic sample of 96 scan-size pages, cycled to PAGES lines, and builds it with
 # --device cuda (the local cluster pins workers to the GPU; the models run under
 # bf16 autocast there) while nvidia-smi samples utilization.gpu every 0.2 s.  For each
 # model it prints first its two ceilings, measured apart (benchmarks/gpu_ceilings.py: the model
@@ -103,8 +105,10 @@ else
 fi
 stamp() { while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done; }
 
-# --- a sample of 256 distinct pages, cycled to PAGES lines (decode cost is real, files are cached)
-"$PC" sample "$WORK/sample" --pages 256 >/dev/null
+# --- a sample of 96 distinct pages, cycled to PAGES lines (decode cost is real, files are cached;
+#     drawing a scan-size page takes about 0.4 s on one core, so few are drawn)
+SIZE=${GPU_CHECK_SIZE:-1988x3056}
+"$PC" sample "$WORK/sample" --pages 96 --size "$SIZE" >/dev/null
 "$PY" - "$WORK/sample/pages.txt" "$WORK/pages.txt" "$PAGES" <<'EOF'
 import os, sys
 src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -114,7 +118,7 @@ with open(dst, "w") as f:
     for i in range(n):
         f.write(os.path.join(base, lines[i % len(lines)]) + "\n")
 EOF
-say "sample ready ($PAGES pages) after $(secs) s"
+say "sample ready ($PAGES pages of $SIZE) after $(secs) s"
 
 REPORT="$WORK/report.txt"
 : > "$REPORT"

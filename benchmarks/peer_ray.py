@@ -59,7 +59,8 @@ class _Embedder:
         from pipeline.manifest import read_page
 
         idx = batch["index"]
-        prepared = [self.model.prepare(read_page(self.refs[int(i)], max_panels=self.max_panels)) for i in idx]
+        prepared = [self.model.prepare(read_page(self.refs[int(i)], max_panels=self.max_panels,
+                                                 panel_side=self.model.panel_side)) for i in idx]
         out = self.model.forward(self.model.collate(prepared))
         return {"index": idx, **{k: out[k] for k in OUTPUTS}}
 
@@ -128,6 +129,7 @@ def main(argv=None) -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--pages", type=int, default=None, help="pages (default 4000; --quick 1000)")
     p.add_argument("--repeats", type=int, default=None, help="runs of each side (default 2)")
+    p.add_argument("--scan", action="store_true", help="scan-size pages (the sample upscaled to 1988 px wide)")
     p.add_argument("--ray-python", default=sys.executable, help="an interpreter that imports ray[data]")
     p.add_argument("--ray-child", nargs=3, metavar=("LISTING", "OUT", "WORKERS"), help=argparse_hidden())
     p.add_argument("--ray-compare", nargs=2, metavar=("OUT", "STORE"), help=argparse_hidden())
@@ -144,7 +146,7 @@ def main(argv=None) -> None:
     repeats = args.repeats or 2
     why = ray_python_ok(args.ray_python)
     with Workdir(args.workdir) as wd:
-        listing = wd.repeated(wd.sample(200), n)
+        listing = wd.repeated(wd.scanned(wd.sample(200)) if args.scan else wd.sample(200), n)
         rows = []
         load0 = load_average()
         for r in range(repeats):

@@ -1,4 +1,4 @@
-"""Benchmark 8: pages as large as real scans: decoding at the size the model needs.
+"""Benchmark 9: pages as large as real scans: decoding at the size the model needs.
 
 Real comic scans are about 2000x3000 pixels; the models crop panels to 64 px
 (``tiny``) or 224 px (``pretrained``, ``closure-lite-base``).  Pages are
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     quiet_logs()
     torch.set_num_threads(1)
-    header("8. scan-size pages: decoding at the size the model needs")
+    header("9. scan-size pages: decoding at the size the model needs")
     n_step = 24 if args.quick else 48
     with Workdir(args.workdir) as wd:
         small = wd.sample(100, seed=8)

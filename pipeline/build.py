@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import dask
 
 from . import __version__
-from .errors import BadArgument, BuildError
+from .errors import BadArgument, BuildError, BuildStopped
+from .faults import WorldStop, advice, bounded, classify
 from .inputs import InputError, PageSource, over_network
 from .model.protocol import info_dict as _info_of
 from .model.registry import BUILTIN, UNTRAINED_NOTICE, ModelNotFound, check_model, default_model, resolve_factory
@@ -33,6 +34,7 @@ from .store.grow import grow_store
 from .store.location import StoreLocation
 from .store.conditional import supports_conditional_writes
 from .store.lock import WriterLock, clear_running, lease_seconds, refuse_if_locked
+from .store.stopped import clear_stop, record_stop
 from .store.template import CODECS, EMBEDDING_DTYPES, StoreConfig, read_config, write_template
 from .submit import ALLOWED_FAILURES, METRICS, WORKER_SATURATION, build_span, run_tasks, say, sigterm_as_interrupt
 from .types import JobSpec
@@ -293,9 +295,11 @@ def build(
         if not supports_conditional_writes(loc):
             say(f"pagecube: warning: store {loc} does not support conditional writes (If-None-Match, If-Match): "
                 "two builds that start at the same instant are not kept apart")
-        with WriterLock(loc, take_over=take_over_lock) as lock:
+        with _page_shows_the_end(client, loc), _stops_for_the_world(loc, n_pages), \
+                WriterLock(loc, take_over=take_over_lock) as lock:
             if lock.took_over_from:
                 say(f"pagecube: took over the store lock from {lock.took_over_from}")
+            clear_stop(loc)  # this build holds the store now: an earlier stop is no longer what it is
             clean_debris(loc)
             clear_running(loc)  # marks of an earlier build's dead processes do not count now
             if grow_from:
@@ -365,6 +369,46 @@ def build(
                        phases)
 
 
+@contextlib.contextmanager
+def _stops_for_the_world(loc: StoreLocation, n_pages: int):
+    """A fault of the world (a task that gave up, or the store failing the client) stops the build with
+    one line and exit code 75 (``BuildStopped``), recorded in the store for ``status`` to show."""
+    try:
+        yield
+    except WorldStop as stop:
+        raise _stopped(loc, stop, n_pages) from None
+    except BuildError:
+        raise
+    except Exception as exc:
+        fault = classify(exc)
+        if fault is None:
+            raise
+        raise _stopped(loc, WorldStop("store", loc.url, fault.kind, fault.cause), n_pages) from None
+
+
+def _stopped(loc: StoreLocation, stop: WorldStop, n_pages: int) -> BuildStopped:
+    """The stop line (what, where, the pages kept, what to do), recorded in the store where it still takes it."""
+    lines = [f"{stop}; the pages done before are kept; {advice(stop.kind)}"]
+
+    def count_and_record() -> None:
+        done = sum(e.done for e in chunk_index.list_entries(loc).values())
+        lines.append(f"{stop}; {done} of {n_pages} pages are done and kept; {advice(stop.kind)}")
+        for step in (lambda: clear_running(loc),  # the marks of tasks that gave up: not deaths to count
+                     lambda: record_stop(loc, stop.kind, lines[-1])):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - a read-only store keeps them; status then shows the lock left
+                pass
+
+    if not (stop.where == "store" and stop.kind in ("timeout", "unreachable")):  # else nothing answers there
+        try:  # bounded: a store that does not answer must not hold the stop line back
+            bounded(count_and_record)
+        except Exception:  # noqa: BLE001 - a store that refuses reads: the line says less
+            pass
+    line = lines[-1]
+    return BuildStopped(line, stop.kind)
+
+
 def _install_page(client, loc: StoreLocation, image_root: str | None, dashboard_link: str | None) -> None:
     """The live pagecube page on the scheduler's dashboard server; a build never fails for it."""
     from .watch import install_page
@@ -376,6 +420,33 @@ def _install_page(client, loc: StoreLocation, image_root: str | None, dashboard_
         return
     if link:
         say(f"pagecube: pagecube page at {link}")
+
+
+@contextlib.contextmanager
+def _page_shows_the_end(client, loc: StoreLocation):
+    """Once the lock is released, the live page is told how the build ended and open pages are given a few
+    seconds to fetch it (the scheduler, and so the page's server, may go with the build).  Ctrl-C exits
+    at once; a build never fails for its page."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        _end_page(client, loc, "stopped", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        raise
+    else:
+        _end_page(client, loc, "finished")
+
+
+def _end_page(client, loc: StoreLocation, state: str, reason: str = "") -> None:
+    if client is None or client.status != "running":  # no scheduler to tell (it may be why the build stopped)
+        return
+    from .watch import show_the_end
+
+    try:
+        show_the_end(client, loc, state, reason)
+    except Exception:  # noqa: BLE001 - the scheduler may be gone already (the reason the build stopped)
+        pass
 
 
 class _QuietClose:

@@ -262,12 +262,13 @@ def _draw_art(d: ImageDraw.ImageDraw, w: int, h: int, rng: random.Random, ink: i
 
 
 def _draw_text(d: ImageDraw.ImageDraw, w: int, h: int, text: dict, page_w: int,
-               rng: random.Random, ink: int = 2) -> list[Box]:
-    """Caption, balloons and sfx inside a w x h panel; returns balloon boxes (panel coords)."""
+               rng: random.Random, ink: int = 2) -> dict[str, list[Box]]:
+    """Caption, balloons and sfx inside a w x h panel; returns where each kind of lettering is (panel coords)."""
     pad = max(3, w // 40)
     size = max(9, min(round(page_w * 0.018), round(w * 0.07)))
     font = _font(size)
     top = pad
+    captions: list[Box] = []
     for line in text["narration"]:
         s = _wrap(line, font, w * 0.8)
         bb = d.multiline_textbbox((0, 0), s, font=font, spacing=2)
@@ -275,6 +276,7 @@ def _draw_text(d: ImageDraw.ImageDraw, w: int, h: int, text: dict, page_w: int,
         d.rectangle([pad, top, min(w - pad, pad + bw), top + bh], fill=(250, 236, 160),
                     outline=(0, 0, 0), width=1)
         d.multiline_text((2 * pad, top + pad), s, font=font, fill=(0, 0, 0), spacing=2)
+        captions.append((pad, top, min(w - pad, pad + bw) - pad + 1, bh + 1))
         top += bh + pad
     balloons: list[Box] = []
     n = len(text["dialogue"])
@@ -299,6 +301,7 @@ def _draw_text(d: ImageDraw.ImageDraw, w: int, h: int, text: dict, page_w: int,
         d.multiline_text((cx, cy), s, font=font, fill=(0, 0, 0), anchor="mm", align="center", spacing=2)
         balloons.append((ex, ey, ew, eh))
         top = ey + round(eh * 0.85)  # the next balloon sits lower
+    sfx: list[Box] = []
     for word in text["sfx"]:
         f = _font(max(12, min(round(w * 0.14), round(h * 0.2), round(page_w * 0.06))))
         tw = f.getlength(word)
@@ -306,25 +309,27 @@ def _draw_text(d: ImageDraw.ImageDraw, w: int, h: int, text: dict, page_w: int,
         y_hi = max(pad, h - pad - f.size)
         y = rng.randint(min(max(pad, h // 2), y_hi), y_hi)
         d.text((x, y), word, font=f, fill=_colour(rng, 150, 255), stroke_width=ink, stroke_fill=(0, 0, 0))
-    return balloons
+        x0, y0, x1, y1 = d.textbbox((x, y), word, font=f, stroke_width=ink)
+        sfx.append((x0, y0, x1 - x0, y1 - y0))
+    return {"balloon_coords": balloons, "caption_coords": captions, "sfx_coords": sfx}
 
 
 def _draw_page(W: int, H: int, boxes: list[Box], texts: list[dict], rng: random.Random):
     page = Image.new("RGB", (W, H), (255, 255, 255))
-    balloons: list[list[list[int]]] = []
+    lettering: list[dict[str, list[list[int]]]] = []  # per panel: balloon, caption and sfx boxes (page coords)
     ink = max(2, round(2 * W / 800))  # line art keeps its weight on larger pages (2 px up to 1000 px wide)
     for (x, y, w, h), text in zip(boxes, texts):
         panel = Image.new("RGB", (w, h), _colour(rng, 170, 250))
         d = ImageDraw.Draw(panel)
         _draw_art(d, w, h, rng, ink)
-        bl = _draw_text(d, w, h, text, W, rng, ink)
+        drawn = _draw_text(d, w, h, text, W, rng, ink)
         page.paste(panel, (x, y))
-        balloons.append([[x + bx, y + by, bw, bh] for bx, by, bw, bh in bl])
+        lettering.append({k: [[x + bx, y + by, bw, bh] for bx, by, bw, bh in v] for k, v in drawn.items()})
     d = ImageDraw.Draw(page)
     bw = max(2, W // 300)
     for x, y, w, h in boxes:
         d.rectangle([x, y, x + w - 1, y + h - 1], outline=(0, 0, 0), width=bw)
-    return page, balloons
+    return page, lettering
 
 
 def scan_look(img: Image.Image) -> Image.Image:
@@ -375,6 +380,8 @@ def make_sample(out_dir: str | Path, pages: int, seed: int = 0, *,
     Writes ``images/page_00000.jpg ...``, ``manifests/page_00000.json ...`` (panel
     ``order_index`` is the true reading order; panels are listed shuffled on most
     pages) and ``pages.txt`` with one manifest path a line, relative to its folder.
+    Each panel also says where its lettering is, in page pixels: ``balloon_coords``,
+    ``caption_coords`` and ``sfx_coords`` (``[x, y, w, h]`` each).
     ``image_size`` is ``(width, height)``.  ``scan=True`` makes the pages look like scans: flat
     colour and line art on tinted paper, JPEG quality 90 (about 0.3-0.6 MB a page at :data:`SCAN_SIZE`).  With ``twins=k`` the last ``k`` pages
     carry the panel texts of pages ``0..k-1`` with different drawings.
@@ -402,7 +409,7 @@ def make_sample(out_dir: str | Path, pages: int, seed: int = 0, *,
         else:
             spec = _spec(seed, i, W, H)
         n = len(spec.boxes)
-        img, balloons = _draw_page(W, H, spec.boxes, spec.texts, _rng(seed, i, _ART))
+        img, lettering = _draw_page(W, H, spec.boxes, spec.texts, _rng(seed, i, _ART))
         if scan:
             img = scan_look(img)
         img.save(out / "images" / f"{name}.jpg", "JPEG", quality=90 if scan else 85)
@@ -428,7 +435,7 @@ def make_sample(out_dir: str | Path, pages: int, seed: int = 0, *,
                     "order_index": r,
                     "text": spec.texts[r],
                     "character_coords": [],
-                    "balloon_coords": balloons[r],
+                    **lettering[r],  # balloon_coords, caption_coords, sfx_coords: where the lettering is
                 }
                 for slot, r in enumerate(slots)
             ],

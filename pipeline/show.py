@@ -11,6 +11,12 @@ Works at any moment of a build:
   is asked for by position, ``@N``; it is drawn from its manifest with grey
   boxes and a "pending" banner.
 
+Labels keep clear of the lettering: each goes where the page has no ink within a margin (edges on the
+pixels: balloons, captions, sound effects, line art; and the manifest's ``balloon_coords``,
+``caption_coords``, ``sfx_coords`` where it has them), an inner corner of its box when one is clear,
+else the clear spot nearest a corner.  A banner (failed, pending) goes on a strip above the page, so
+it covers no panel: such a picture is taller than the page by the strip.
+
 The image is found again from ``manifest_path`` (the manifest's
 ``page_image_path``, relative to ``image_root`` when given, else to the
 manifest's folder), exactly as the build found it.
@@ -65,29 +71,82 @@ def _colour(value: float) -> tuple[int, int, int]:
 
 def _detail(image: Image.Image) -> np.ndarray:
     """Where the page is busy (edges: lettering, balloon outlines, line art), as a boolean mask."""
-    return np.asarray(image.convert("L").filter(ImageFilter.FIND_EDGES)) > 48
+    return np.array(image.convert("L").filter(ImageFilter.FIND_EDGES)) > 48
 
 
-def _label_spot(detail: np.ndarray, box, size, inset: int) -> tuple[int, int]:
-    """The inner corner of ``box`` where a label of ``size`` covers the least detail.
+#: keys of a manifest's panels that say where lettering is (``[[x, y, w, h], ...]``, page pixels)
+LETTERING_KEYS = ("balloon_coords", "caption_coords", "sfx_coords")
 
-    Text in a panel sits in balloons and captions, which are dense with edges; a
-    corner over flat art hides nothing that needs reading.  Ties go to the first
-    of top-left, top-right, bottom-right, bottom-left.
+
+def _ink(image: Image.Image, lettering: list) -> np.ndarray:
+    """Where a label must not go: edges on the pixels (lettering, balloon outlines, line art) and the
+    lettering boxes the manifest gives (a balloon's white inside has no edges, but belongs to it)."""
+    ink = _detail(image)
+    H, W = ink.shape
+    for x, y, w, h in lettering:
+        ink[max(0, int(y)):min(H, int(np.ceil(y + h))), max(0, int(x)):min(W, int(np.ceil(x + w)))] = True
+    return ink
+
+
+def _integral(mask: np.ndarray) -> np.ndarray:
+    """Summed-area table: ``t[y, x]`` counts the mask's pixels above and left of ``(x, y)``."""
+    table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    table[1:, 1:] = mask.cumsum(axis=0).cumsum(axis=1)
+    return table
+
+
+def _label_spot(ink: np.ndarray, box, size, inset: int, clear: int, table: np.ndarray | None = None
+                ) -> tuple[int, int]:
+    """Where in ``box`` a label of ``size`` is ``clear`` px or more from any ink, nearest an inner corner.
+
+    Every position on a grid over the box's inside is scored by the ink within ``clear`` of the label
+    (the box's own border, ``inset + 3`` px, is not counted: it is the panel's frame, not lettering);
+    the least ink wins, then an inner corner (top-left, top-right, bottom-right, bottom-left), then the
+    spot nearest one.  A box too small for the label gets its top-left corner.
     """
+    table = _integral(ink) if table is None else table
+    H, W = ink.shape
     x, y, w, h = (int(round(v)) for v in box)
-    lw, lh = size
-    H, W = detail.shape
+    lw, lh = (int(v) for v in size)
     m = inset + 1
-    spots = [(x + m, y + m), (x + w - lw - m, y + m), (x + w - lw - m, y + h - lh - m), (x + m, y + h - lh - m)]
-    best, best_score = spots[0], None
-    for sx, sy in spots:
-        sx, sy = max(0, min(sx, W - lw)), max(0, min(sy, H - lh))
-        region = detail[sy:sy + lh, sx:sx + lw]
-        score = float(region.mean()) if region.size else 1.0
-        if best_score is None or score < best_score - 1e-3:
-            best, best_score = (sx, sy), score
-    return best
+    x0, y0 = max(0, x + m), max(0, y + m)  # the label's top-left may go from here ...
+    x1, y1 = min(W - lw, x + w - lw - m), min(H - lh, y + h - lh - m)  # ... to here
+    if x1 < x0 or y1 < y0:
+        return max(0, min(x0, W - lw)), max(0, min(y0, H - lh))
+    step = max(2, lh // 3)
+    xs = np.unique(np.r_[np.arange(x0, x1 + 1, step), x1])
+    ys = np.unique(np.r_[np.arange(y0, y1 + 1, step), y1])
+    gx, gy = np.meshgrid(xs, ys)
+    frame = inset + 3
+    fx0, fy0, fx1, fy1 = max(0, x + frame), max(0, y + frame), min(W, x + w - frame), min(H, y + h - frame)
+    ax0, ay0 = np.clip(gx - clear, fx0, fx1), np.clip(gy - clear, fy0, fy1)
+    ax1, ay1 = np.clip(gx + lw + clear, fx0, fx1), np.clip(gy + lh + clear, fy0, fy1)
+    score = table[ay1, ax1] - table[ay0, ax1] - table[ay1, ax0] + table[ay0, ax0]
+    corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    rank = np.full(gx.shape, len(corners), dtype=np.int64)
+    for k, (cx, cy) in reversed(list(enumerate(corners))):
+        rank[(gx == cx) & (gy == cy)] = k
+    near = np.min([np.hypot(gx - cx, gy - cy) for cx, cy in corners], axis=0)
+    best = np.lexsort((near.ravel(), rank.ravel(), score.ravel()))[0]
+    return int(gx.ravel()[best]), int(gy.ravel()[best])
+
+
+def _lettering(ref: PageRef, storage_options) -> list:
+    """The lettering boxes a manifest gives (``LETTERING_KEYS``), or none; never raises."""
+    import json
+
+    try:
+        raw = json.loads(read_manifest_bytes(ref, storage_options))
+        out = []
+        for panel in raw.get("panels") or []:
+            for key in LETTERING_KEYS:
+                for b in panel.get(key) or []:
+                    box = [float(v) for v in b]
+                    if len(box) == 4 and np.isfinite(box).all() and box[2] > 0 and box[3] > 0:
+                        out.append(box)
+        return out
+    except Exception:  # noqa: BLE001 - only a hint: the pixels are read anyway
+        return []
 
 
 def _font(size: int):
@@ -176,21 +235,27 @@ def _image_for(ref: PageRef, image_root, storage_options):
     return load_image(join_path(image_root or ref.base_dir, manifest.page_image_path), storage_options)
 
 
-def _banner(draw: ImageDraw.ImageDraw, width: int, text: str, colour, font, pad: int) -> None:
+def _with_banner(page: Image.Image, text: str, colour, font, pad: int) -> Image.Image:
+    """``page`` below a strip that holds ``text``: a banner over the page would cover its top panels."""
+    width = page.width
     chars = max(20, int(width / (font.size * 0.55))) if hasattr(font, "size") else 80
     lines = textwrap.wrap(text, chars)[:4]
     line_h = (font.size if hasattr(font, "size") else 11) + pad // 2
-    draw.rectangle([0, 0, width, pad * 2 + line_h * len(lines)], fill=colour)
+    strip = pad * 2 + line_h * len(lines)
+    canvas = Image.new("RGB", (width, page.height + strip), colour)
+    canvas.paste(page, (0, strip))
+    draw = ImageDraw.Draw(canvas)
     for k, line in enumerate(lines):
         draw.text((pad, pad + k * line_h), line, fill=(255, 255, 255), font=font)
+    return canvas
 
 
 def render_page(store, page: str, out=None, *, image_root: str | None = None,
                 storage_options: dict | None = None) -> tuple[Image.Image, ShownPage]:
     """Draw page ``page`` (a page id, or ``@N`` for the page at position N) of ``store``.
 
-    Returns the picture (the page's own size) and what was drawn; writes it to
-    ``out`` (a path or file object, PNG) when given.
+    Returns the picture (the page's own size; a failed or pending page has a banner strip above it)
+    and what was drawn; writes it to ``out`` (a path or file object, PNG) when given.
     """
     # Read in this thread: in a process that also holds a Dask client (the build's own, serving the
     # /pagecube page's thumbnails) dask would otherwise send these small reads to the build's workers.
@@ -248,7 +313,8 @@ def _render_page(store, page: str, out, image_root: str | None,
     font = _font(max(12, int(18 * scale)))
     line = max(2, int(4 * scale))
     pad = max(4, int(6 * scale))
-    detail = _detail(canvas)  # before any box is drawn: where the page has text and line art
+    ink = _ink(canvas, _lettering(ref, storage_options))  # before any box is drawn: lettering and line art
+    table = _integral(ink)
     for box, text, colour in labels:
         x, y, w, h = (float(v) for v in box)
         if not np.isfinite([x, y, w, h]).all():
@@ -256,7 +322,7 @@ def _render_page(store, page: str, out, image_root: str | None,
         draw.rectangle([x, y, x + w, y + h], outline=colour, width=line)
         tb = draw.textbbox((0, 0), text, font=font)
         size = (tb[2] - tb[0] + 2 * pad, tb[3] - tb[1] + pad)
-        lx, ly = _label_spot(detail, (x, y, w, h), size, line)
+        lx, ly = _label_spot(ink, (x, y, w, h), size, line, pad, table)
         draw.rectangle([lx, ly, lx + size[0], ly + size[1]], fill=colour)  # the box's colour: the attention scale
         light = sum(colour) > 450
         draw.text((lx + pad - tb[0], ly + pad // 2 - tb[1]), text, fill=(0, 0, 0) if light else (255, 255, 255),
@@ -267,7 +333,7 @@ def _render_page(store, page: str, out, image_root: str | None,
         draw.rectangle([tb[0] - 3, tb[1] - 3, tb[2] + 3, tb[3] + 3], fill=(255, 255, 255))
         draw.text((pad, H - pad), legend, fill=(0, 0, 0), font=small, anchor="ld")
     if note:
-        _banner(draw, W, note, FAILED_RED if state == "failed" else (90, 90, 90), font, pad)
+        canvas = _with_banner(canvas, note, FAILED_RED if state == "failed" else (90, 90, 90), font, pad)
     if out is not None:
         if isinstance(out, (str, bytes)) or hasattr(out, "__fspath__"):
             canvas.save(out, format="PNG")
@@ -276,5 +342,5 @@ def _render_page(store, page: str, out, image_root: str | None,
             canvas.save(buf, format="PNG")
             out.write(buf.getvalue())
     pid = str(p["page_id"].item()) if state == "done" else (str(p["page_id"].item()) or manifest_id or page)
-    shown = ShownPage(index, pid, state, (W, H), len(labels), note)
+    shown = ShownPage(index, pid, state, canvas.size, len(labels), note)
     return canvas, shown

@@ -8,9 +8,18 @@ with ``numpy.argpartition``.  Only pages with ``status == 1`` are ever scored,
 so it works mid-run and after a crash.  Finding a query page by id streams
 ``page_id`` the same way.  Page ids, series and text are read for the k results
 only.
+
+Text queries rank in two keys (a hybrid ranking): first by how many of the
+query's words a page's ``text_content`` holds as whole words (case-insensitive,
+any panel), one more when a panel says them as the query does (the phrase, in
+order), then by the cosine of the embedded query.  A user searching "hidden
+garden" expects the pages that say it first; the embedding orders them and
+finds the pages that say something close.  Text is then streamed with the
+embeddings (``numpy.strings`` finds candidates, a regex checks word bounds).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -38,6 +47,8 @@ class SimilarPage(NamedTuple):
     page_index: int
     page_id: str
     score: float
+    words: int = 0  # text queries: how many of the query's words the page's text holds
+    phrase: bool = False  # text queries: a panel says the query's words in order (more than one word)
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,38 @@ def page_vector(store, page: int, *, storage_options: dict | None = None, _group
     return np.asarray(group["page_embeddings"][page], dtype=np.float32)
 
 
+# --------------------------------------------------------------------------- words in text
+
+def query_words(text: str) -> list[str]:
+    """The distinct words of a text query, lower case, in order (``\\w+``: letters, digits, underscore)."""
+    return list(dict.fromkeys(w.lower() for w in re.findall(r"\w+", text or "")))
+
+
+def _rows_matching(low: np.ndarray, first: str, pattern: re.Pattern) -> np.ndarray:
+    """Rows of ``low`` (lower-cased pages x panels) where a panel matches ``pattern`` (it holds ``first``)."""
+    has = np.zeros(low.shape[0], dtype=bool)
+    for row, col in zip(*np.nonzero(np.strings.find(low, first) >= 0)):  # substring first: cheap, rare
+        has[row] = has[row] or pattern.search(str(low[row, col])) is not None
+    return has
+
+
+def words_found(texts, words: list[str], phrase_bonus: bool = False) -> np.ndarray:
+    """For each row of ``texts`` (pages x panels), how many of ``words`` it holds as whole words; with
+    ``phrase_bonus``, one more where a panel says all of them in order (``hidden ... garden``, only
+    spaces and punctuation between)."""
+    texts = np.asarray(texts)
+    found = np.zeros(texts.shape[0], dtype=np.int64)
+    if not words or texts.size == 0:
+        return found
+    low = np.strings.lower(texts.astype(np.dtypes.StringDType()))
+    for word in words:
+        found += _rows_matching(low, word, re.compile(rf"(?<!\w){re.escape(word)}(?!\w)"))
+    if phrase_bonus and len(words) > 1:
+        said = r"\W+".join(map(re.escape, words))
+        found += _rows_matching(low, words[0], re.compile(rf"(?<!\w){said}(?!\w)"))
+    return found
+
+
 # --------------------------------------------------------------------------- search
 
 def _merge(best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int):
@@ -151,29 +194,49 @@ def _unit_query(vector, dim: int) -> np.ndarray:
     return (q / norm).astype(np.float32)
 
 
+#: a text query's rank key is words found x WORD_WEIGHT + cosine: a cosine (within [-1, 1]) never
+#: lifts a page above one that holds more of the query's words
+WORD_WEIGHT = 4.0
+
+
 def search_vector(store, vector, *, k: int = 10, exclude: int | None = None, storage_options: dict | None = None,
-                  block_pages: int | None = None, block_bytes: int = BLOCK_BYTES,
+                  block_pages: int | None = None, block_bytes: int = BLOCK_BYTES, words: list[str] | None = None,
                   _group: zarr.Group | None = None) -> list[tuple[int, float]]:
-    """``[(page_index, cosine)]`` of the k done pages nearest ``vector``, best first (no ids)."""
+    """``[(page_index, cosine)]`` of the k done pages nearest ``vector``, best first (no ids).
+
+    With ``words``, pages whose ``text_content`` holds more of them come first (see the module docstring).
+    """
+    return [(i, s) for i, s, _ in _search(store, vector, k=k, exclude=exclude, storage_options=storage_options,
+                                          block_pages=block_pages, block_bytes=block_bytes, words=words,
+                                          _group=_group)]
+
+
+def _search(store, vector, *, k, exclude, storage_options, block_pages, block_bytes, words, _group
+            ) -> list[tuple[int, float, int]]:
     if int(k) < 1:
         raise SimilarError(f"k must be >= 1, got {k}")
     k = int(k)
     group = _group if _group is not None else _open(store, storage_options)[1]
     q = _unit_query(vector, int(group["page_embeddings"].shape[1]))
-    best_s = np.zeros(0, dtype=np.float32)
+    texts = group["text_content"] if words and "text_content" in group else None
+    best_s = np.zeros(0, dtype=np.float64)
     best_i = np.zeros(0, dtype=np.int64)
     for idx, vecs in iter_done_embeddings(store, block_pages=block_pages, block_bytes=block_bytes, _group=group):
         norms = np.linalg.norm(vecs, axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
-            scores = (vecs @ q) / norms
+            scores = ((vecs @ q) / norms).astype(np.float64)
         ok = np.isfinite(scores)  # a done page never holds NaN, but a zero vector must not win
         if exclude is not None:
             ok &= idx != exclude
         if not ok.all():
             scores, idx = scores[ok], idx[ok]
+        if texts is not None and scores.size:
+            scores = scores + WORD_WEIGHT * words_found(_read_rows(texts, idx), words, phrase_bonus=True)
         if scores.size:
-            best_s, best_i = _merge(best_s, best_i, scores.astype(np.float32), idx, k)
-    return [(int(i), float(s)) for i, s in zip(best_i, best_s)]
+            best_s, best_i = _merge(best_s, best_i, scores, idx, k)
+    found = np.round(best_s / WORD_WEIGHT).astype(np.int64)
+    cosine = (best_s - WORD_WEIGHT * found).astype(np.float32)
+    return [(int(i), float(s), int(n)) for i, s, n in zip(best_i, cosine, found)]
 
 
 def _read_rows(arr, indices: np.ndarray) -> np.ndarray:
@@ -185,12 +248,15 @@ def _read_rows(arr, indices: np.ndarray) -> np.ndarray:
 
 def similar_pages(store, page_id: str | None = None, *, vector=None, k: int = 10,
                   storage_options: dict | None = None, exclude_self: bool = True,
-                  block_pages: int | None = None, block_bytes: int = BLOCK_BYTES) -> list[SimilarPage]:
+                  block_pages: int | None = None, block_bytes: int = BLOCK_BYTES,
+                  words: list[str] | None = None) -> list[SimilarPage]:
     """The k finished pages (``status == 1``) nearest by cosine of ``page_embeddings``, best first.
 
     Query by ``page_id`` (a page id, or ``@N`` for the page at position N; it must be done)
     or by ``vector`` (``[embedding_dim]``).  With ``exclude_self`` the query page itself is
-    not returned.  Memory is bounded by one block of embeddings plus k results.
+    not returned.  With ``words`` (a text query's, ``query_words``), pages whose text holds more
+    of them come first (a panel that says them in order counts one more), each group by cosine.  Memory is bounded by one block of embeddings
+    plus k results.
     """
     if (page_id is None) == (vector is None):
         raise SimilarError("give either a page id or a query vector")
@@ -200,11 +266,13 @@ def similar_pages(store, page_id: str | None = None, *, vector=None, k: int = 10
         page = find_page(store, page_id, block_pages=block_pages, _group=group)
         vector = page_vector(store, page, _group=group)
         exclude = page if exclude_self else None
-    hits = search_vector(store, vector, k=k, exclude=exclude, block_pages=block_pages, block_bytes=block_bytes,
-                         _group=group)
-    idx = np.asarray([i for i, _ in hits], dtype=np.int64)
+    hits = _search(store, vector, k=k, exclude=exclude, storage_options=None, block_pages=block_pages,
+                   block_bytes=block_bytes, words=words, _group=group)
+    idx = np.asarray([i for i, _, _ in hits], dtype=np.int64)
     ids = _read_rows(group["page_id"], idx)
-    return [SimilarPage(i, str(pid), s) for (i, s), pid in zip(hits, ids)]
+    phrase = bool(words) and len(words) > 1
+    return [SimilarPage(i, str(pid), s, min(n, len(words or ())), phrase and n > len(words))
+            for (i, s, n), pid in zip(hits, ids)]
 
 
 def describe_pages(store, indices, *, storage_options: dict | None = None, snippet_len: int = SNIPPET_LEN,
@@ -281,11 +349,12 @@ def embed_text_query(store, text: str, *, model: str | None = None, model_option
 
 def similar_to_text(store, text: str, *, model: str | None = None, k: int = 10, model_options: dict | None = None,
                     device: str = "cpu", seed: int = 0, storage_options: dict | None = None) -> list[SimilarPage]:
-    """The k finished pages nearest a text query (see :func:`embed_text_query`)."""
+    """The k finished pages for a text query: those whose text holds more of its words first, each group
+    by cosine to the query embedded by the store's model (see :func:`embed_text_query`)."""
     vec = embed_text_query(store, text, model=model, model_options=model_options, device=device, seed=seed,
                            storage_options=storage_options)
-    return similar_pages(store, vector=vec, k=k, storage_options=storage_options)
+    return similar_pages(store, vector=vec, k=k, storage_options=storage_options, words=query_words(text))
 
 
 __all__ = ["similar_pages", "similar_to_text", "embed_text_query", "iter_done_embeddings", "find_page",
-           "describe_pages", "SimilarPage", "SimilarError", "NotAStore"]
+           "describe_pages", "query_words", "words_found", "SimilarPage", "SimilarError", "NotAStore"]

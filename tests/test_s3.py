@@ -305,3 +305,25 @@ def test_expired_lease_on_s3_is_taken_over_by_one_of_two(s3):
     assert all(isinstance(g, StoreLocked) for g in got if g is not winners[0])
     assert read_lock(loc).run_id == winners[0].info.run_id
     winners[0].release()
+
+
+def test_scan_pages_on_s3_are_decoded_at_the_models_size_as_on_disk(s3):
+    """The reduced decode reads the same bytes through fsspec: an s3:// page gives the local page's image."""
+    import numpy as np
+
+    from pipeline.images import crop_panels
+    from pipeline.inputs import PageSource
+    from pipeline.manifest import read_page
+    from pipeline.sample import SCAN_SIZE, make_sample
+
+    listing = make_sample(s3.tmp / "scans", 2, seed=4, image_size=SCAN_SIZE, scan=True)
+    s3.fs.put(str(listing.parent) + "/", "pages/scans/", recursive=True)
+    local = PageSource(str(listing)).slice(0, 2).refs()
+    remote = PageSource("s3://pages/scans/pages.txt", storage_options=s3.options).slice(0, 2).refs()
+    for a, b in zip(local, remote):
+        on_disk = read_page(a, max_panels=12, panel_side=56)
+        on_s3 = read_page(b, max_panels=12, panel_side=56, storage_options=s3.options)
+        assert on_s3.image_scale == on_disk.image_scale < 1
+        assert on_s3.image.size == on_disk.image.size
+        np.testing.assert_array_equal(crop_panels(on_s3.image, on_s3.image_boxes(), 64),
+                                      crop_panels(on_disk.image, on_disk.image_boxes(), 64))

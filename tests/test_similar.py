@@ -12,10 +12,15 @@ import zarr
 import pipeline
 from pipeline.cli import main
 from pipeline.sample import make_sample
-from pipeline.similar import (SimilarError, find_page, iter_done_embeddings, similar_pages, similar_to_text)
+from pipeline.similar import (SimilarError, find_page, iter_done_embeddings, query_words, similar_pages,
+                              similar_to_text, words_found)
 
 CHUNK = 4
 N_PAGES = 24
+ADJECTIVES = {"broken", "silent", "golden", "hidden", "burning", "ancient", "stolen", "frozen", "crooked", "humming",
+              "last", "secret"}  # the sample's, as in "hidden garden"
+NOUNS = {"lantern", "map", "engine", "orchard", "signal", "key", "tower", "river", "mask", "machine", "letter", "storm",
+         "bridge", "comet", "vault", "garden", "train", "mirror"}
 
 
 def _build(pages_txt, out, **kw):
@@ -222,3 +227,110 @@ def test_text_query_pretrained(twin_store):
     # the same model name with other settings has another weights digest: refused
     with pytest.raises(SimilarError, match="weights"):
         similar_to_text(store, query, k=2)
+
+
+# --------------------------------------------------------------------------- text queries: words first (issue 25)
+
+def _phrases(words_by_page: list[set[str]], texts: list[str], min_pages: int = 1) -> list[str]:
+    """Two-word phrases of the sample's own text said by ``min_pages`` pages or more, their words held by
+    fewer than a third of the pages."""
+    import re
+    from collections import Counter
+
+    said = Counter()
+    for text in texts:
+        pairs = set()
+        for panel in text.split("\t"):
+            toks = re.findall(r"\w+", panel.lower())
+            pairs.update(f"{a} {b}" for a, b in zip(toks, toks[1:]) if a != b)
+        said.update(pairs)
+    n = len(words_by_page)
+    return sorted(p for p, c in said.items() if c >= min_pages
+                  and sum(set(p.split()) <= w for w in words_by_page) < n / 3)
+
+
+def _says(text: str, phrase: str) -> bool:
+    """Whether one panel's text (panels are joined by tabs here) says ``phrase``'s words in order."""
+    import re
+
+    said = r"[^\w\t]+".join(map(re.escape, phrase.split()))
+    return re.search(rf"(?<!\w){said}(?!\w)", text.lower()) is not None
+
+
+def _check_words_first(hits, words_by_page, texts, query):
+    """Pages that say the query first, then by how many of its words they hold, each group by cosine."""
+    want = [(len(set(query_words(query)) & words_by_page[h.page_index]), _says(texts[h.page_index], query))
+            for h in hits]
+    assert [(h.words, h.phrase) for h in hits] == want, (query, hits)
+    tiers = [n + said for n, said in want]
+    assert tiers == sorted(tiers, reverse=True), (query, hits)
+    for (a, ta), (b, tb) in zip(zip(hits, tiers), zip(hits[1:], tiers[1:])):  # by cosine within a group
+        assert ta > tb or a.score >= b.score, (query, hits)
+
+
+def test_words_found_counts_whole_words_in_any_panel():
+    texts = np.array([["The hidden garden", ""], ["a GARDEN", "hidden!"], ["gardens hide", "unhidden"],
+                      ["Hidden... Garden!", "x"]], dtype=np.dtypes.StringDType())
+    assert query_words("Hidden  garden, hidden") == ["hidden", "garden"]
+    assert words_found(texts, ["hidden", "garden"]).tolist() == [2, 2, 0, 2]
+    assert words_found(texts, ["hidden", "garden"], phrase_bonus=True).tolist() == [3, 2, 0, 3]
+
+
+def test_text_words_rank_first_on_the_tiny_store(tiny_store):
+    """Any query vector: the pages whose text holds more of the words come first, each group by cosine."""
+    g = zarr.open_group(str(tiny_store), mode="r")
+    by_page, texts = _store_words(tiny_store)
+    vec = np.random.default_rng(0).standard_normal(g["page_embeddings"].shape[1])
+    phrases = _phrases(by_page, texts)
+    assert len(phrases) > 20
+    for phrase in phrases[::7]:
+        for block_pages in (None, CHUNK):
+            hits = similar_pages(tiny_store, vector=vec, k=N_PAGES, block_pages=block_pages,
+                                 words=query_words(phrase))
+            _check_words_first(hits, by_page, texts, phrase)
+            assert hits[0].words == 2 and hits[0].phrase
+    # without words: the plain cosine ranking, as before
+    assert [h.page_index for h in similar_pages(tiny_store, vector=vec, k=5)] == _brute(tiny_store, None, vec, k=5)[0]
+
+
+@pytest.fixture(scope="module")
+def text_store(tmp_path_factory):
+    """24 pages without twins, built with the pretrained model (it has a text tower)."""
+    if not HAVE_PRETRAINED:
+        pytest.skip("model 'pretrained' needs pagecube[pretrained]")
+    base = tmp_path_factory.mktemp("similar_text")
+    pages = make_sample(base / "sample", N_PAGES, seed=11, image_size=(200, 300))
+    return _build(pages, base / "pre.zarr", model="pretrained", chunk_pages=8, batch_size=8,
+                  model_options=PRETRAINED_OPTS), pages
+
+
+def _store_words(store) -> tuple[list[set[str]], list[str]]:
+    """Each page's text as the store holds it (panels past the cap are not in it), and its words (a regex)."""
+    import re
+
+    texts = ["\t".join(map(str, row)) for row in zarr.open_group(str(store), mode="r")["text_content"][:]]
+    return [{w.lower() for w in re.findall(r"\w+", t)} for t in texts], texts
+
+
+def test_text_query_puts_pages_that_say_it_first(text_store, capsys):
+    store, _ = text_store
+    by_page, texts = _store_words(store)
+    # phrases like "hidden garden": an adjective and a noun said together, both words held by 2 pages or more
+    phrases = [p for p in _phrases(by_page, texts) if p.split()[0] in ADJECTIVES and p.split()[1] in NOUNS
+               and sum(set(p.split()) <= w for w in by_page) >= 2]
+    assert len(phrases) >= 3, phrases
+    for phrase in phrases[:3]:
+        hits = similar_to_text(store, phrase, k=N_PAGES, model_options=PRETRAINED_OPTS)
+        sayers = {i for i, t in enumerate(texts) if _says(t, phrase)}
+        holders = {i for i, w in enumerate(by_page) if set(phrase.split()) <= w}
+        assert sayers and {h.page_index for h in hits[:len(sayers)]} == sayers, (phrase, sayers, hits)
+        assert {h.page_index for h in hits[:len(holders)]} == holders, (phrase, holders, hits)
+        _check_words_first(hits, by_page, texts, phrase)
+
+
+def test_help_shows_a_page_query_and_a_text_query_as_two_forms(capsys):
+    rc = main(["similar", "--help"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "pagecube similar STORE PAGE_ID [-k K]" in out and "pagecube similar STORE --text TEXT [-k K]" in out
+    assert "[--text TEXT]" not in out.replace("STORE --text TEXT", "")

@@ -26,6 +26,8 @@ import pytest
 from browser import Watched, browser
 from conftest import CLI, ROOT, cli_env, run_cli
 from pipeline import readers
+from pipeline.store import index as chunk_index
+from pipeline.store.location import StoreLocation
 from pipeline.watch.web import CACHE_S
 
 CHUNK = 4
@@ -178,6 +180,78 @@ def test_page_and_dask_dashboard_on_a_local_build(pages64, tmp_path):
             assert errors_while_building == [], errors_while_building
     finally:  # not waited for: stopped like Ctrl-C (its scheduler, and so the page, go with it)
         _stop(proc)
+
+
+def test_page_shows_the_end_of_a_local_build(pages64, tmp_path):
+    """The build's own scheduler serves the page and goes with the build (issue 25): the page's last word is
+    FINISHED with the final counts and how to open it again, and its thumbnails are the last finished pages."""
+    out = tmp_path / "end.zarr"
+    proc, log = _start_build(pages64, out, "--workers", "1", "--threads-per-worker", "1",
+                             env={"PAGECUBE_TEST_DELAY": "0.8"})
+    try:
+        url = _page_link(proc, log)
+        with browser() as b:
+            w = Watched(b, url)
+            page = w.page
+            bad = []
+            page.on("response", lambda r: bad.append((r.status, r.url, r.text()[:200])) if r.status >= 400 else None)
+            assert proc.wait(180) == 0, log.read_text()
+            # the build waited for this page to show its end before its server went
+            assert page.evaluate("document.body.dataset.state") == "finished", log.read_text()
+            assert w.text("#end-state") == "FINISHED"
+            assert w.text("#end-counts") == "64 of 64 pages done, none failed."
+            assert w.text("#n-done") == "64" and w.text("#pct") == "100%"
+            assert w.text("#end-reopen").endswith(f"pagecube status {out} --serve")
+            # the thumbnails are those of the final snapshot (the latest finished chunks), all loaded
+            final = page.evaluate("window.pagecube.last()")
+            assert final["ended"]["state"] == "finished"
+            shown = page.evaluate("[...document.querySelectorAll('#thumbs figcaption b')].map(b => b.textContent)")
+            assert shown == [p["id"] for p in final["recent"]] and len(shown) == 6, (shown, final["recent"])
+            assert w.thumbs_loaded() == 6
+            latest = max(chunk_index.list_entries(StoreLocation.of(str(out)), with_times=True).values(),
+                         key=lambda e: e.mtime)
+            assert any(latest.chunk * CHUNK <= p["page"] < (latest.chunk + 1) * CHUNK for p in final["recent"])
+            # the server is gone now; the end stays on the page
+            w.page.evaluate("window.pagecube.refresh()")
+            _wait_for(lambda: "server has closed" in w.text("#updated"), 10, "the page to notice the server went")
+            assert w.text("#end-state") == "FINISHED" and page.locator("#banner").is_hidden()
+            page.screenshot(path=_shot(tmp_path, "end.png"), full_page=True)
+            assert all("ERR_CONNECTION_REFUSED" in e for e in w.errors), (w.errors, bad)  # the poll after the end
+    finally:
+        _stop(proc)
+
+
+def test_page_shows_a_stopped_build_with_its_reason(pages64, tmp_path):
+    """``show_the_end`` on a scheduler: it returns once the open page shows the end (0 pages left waiting),
+    and the page says STOPPED, why, the counts and how to open it again."""
+    from distributed import Client, LocalCluster
+
+    import pipeline
+    from pipeline.watch import install_page, show_the_end
+
+    out = tmp_path / "stopped.zarr"
+    pipeline.build(str(pages64), str(out), cluster="sync", chunk_pages=CHUNK, model="tiny", progress=False,
+                   init_only=True)
+    loc = StoreLocation.of(str(out))
+    with LocalCluster(n_workers=0, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:
+        url = install_page(client, loc, None, client.dashboard_link)
+        assert show_the_end(client, loc, "finished") == 0  # no page open: nothing to wait for
+        client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["pagecube-page"].__setattr__(
+            "ended", None))  # as a new build on this scheduler would be
+        with browser() as b:
+            w = Watched(b, url)
+            _wait_for(lambda: w.page.evaluate("document.body.dataset.state") == "idle", 30, "the page")
+            assert w.page.locator("#end").is_hidden()
+            assert show_the_end(client, loc, "stopped", "the store's disk is full (errno 28)") == 0
+            assert w.page.evaluate("document.body.dataset.state") == "stopped"
+            assert w.text("#end-state") == "STOPPED"
+            assert w.text("#end-counts") == "0 of 64 pages done, none failed, 64 pending."
+            assert w.text("#end-reason") == "Stopped: the store's disk is full (errno 28)."
+            assert w.text("#end-reopen").endswith(f"pagecube status {out} --serve")
+            w.page.screenshot(path=_shot(tmp_path, "stopped.png"), full_page=True)
+            assert w.errors == [], w.errors
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""``pagecube similar``: the nearest finished pages to a page, or to a text query."""
+"""``pagecube similar``: the nearest finished pages to a page, or to a text query (one or the other)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,10 +12,12 @@ from .app import app
 def similar(
     store: str = typer.Argument(..., help="The store (a path or an fsspec URL such as s3://...)."),
     page_id: Optional[str] = typer.Argument(None, help="The query page: a page id, or @N for the page at position N. "
-                                                       "It must be done (status 1)."),
+                                                       "It must be done (status 1). Not with --text."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="How many pages to show."),
-    text: Optional[str] = typer.Option(None, "--text", help="Search with this text instead of a page, embedded by the "
-                                                            "model's text tower."),
+    text: Optional[str] = typer.Option(None, "--text", help="Search with this text instead of a PAGE_ID: pages that "
+                                                            "say it first, then those holding more of its words, each "
+                                                            "group by cosine to the text embedded by the model's text "
+                                                            "tower."),
     model: Optional[str] = typer.Option(None, "--model", help="With --text: the model that built the store "
                                                               "(default: the store's model attribute)."),
     seed: int = typer.Option(0, "--seed", help="With --text: the seed the store was built with."),
@@ -24,22 +26,33 @@ def similar(
     storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options for URLs, as a "
                                                                                   "JSON object or @FILE."),
 ) -> None:
-    """Nearest finished pages by cosine of page embeddings (streams the store; works mid-run)."""
+    """Nearest finished pages to a page, or to a text query: one or the other, never both.
+
+    pagecube similar STORE PAGE_ID [-k K]
+
+    pagecube similar STORE --text TEXT [-k K]
+
+    A page query ranks by cosine of page embeddings. Streams the store; works mid-run.
+
+    A text query ranks first the pages that say it, then those holding more of its words, each group by cosine.
+    """
     from ..errors import BadArgument
-    from ..similar import (NotAStore, SimilarError, describe_pages, embed_text_query, find_page,
+    from ..similar import (NotAStore, SimilarError, describe_pages, embed_text_query, find_page, query_words,
                            similar_pages)
     from ..store.location import parse_storage_options
 
     if (page_id is None) == (text is None):
-        raise BadArgument("give either a PAGE_ID or --text \"...\"")
+        raise BadArgument("give either a PAGE_ID or --text \"...\", not both: pagecube similar STORE PAGE_ID, "
+                          "or pagecube similar STORE --text TEXT")
     if text is None and model is not None:
         raise BadArgument("--model only applies to --text queries")
     try:
         so = parse_storage_options(storage_options)
         if text is not None:
             vector = embed_text_query(store, text, model=model, device=device, seed=seed, storage_options=so)
-            hits = similar_pages(store, vector=vector, k=k, storage_options=so)
-            query = f"query: text {text!r}"
+            words = query_words(text)
+            hits = similar_pages(store, vector=vector, k=k, storage_options=so, words=words)
+            query = f"query: text {text!r} (pages that say it first, then those holding more of its words)"
         else:
             qi = find_page(store, page_id, storage_options=so)  # one pass over page_id, then by position
             hits = similar_pages(store, f"@{qi}", k=k, storage_options=so, exclude_self=not include_self)
@@ -56,6 +69,11 @@ def similar(
         return
     wid = max(4, *(len(h.page_id) for h in hits))
     wser = max(6, *(len(r.series or "-") for r in rows))
-    print(f"{'rank':>4}  {'score':>7}  {'page':<{wid}}  {'series':<{wser}}  first panel text")
+    def match(h) -> str:  # a text query's column: the phrase said, or how many of its words
+        return "" if text is None else f"  {'phrase' if h.phrase else f'{h.words}/{len(words)}':<7}"
+
+    print(f"{'rank':>4}  {'score':>7}{'  match  ' if text is not None else ''}  {'page':<{wid}}  "
+          f"{'series':<{wser}}  first panel text")
     for rank, (hit, row) in enumerate(zip(hits, rows), 1):
-        print(f"{rank:>4}  {hit.score:7.4f}  {hit.page_id:<{wid}}  {row.series or '-':<{wser}}  {row.snippet}")
+        print(f"{rank:>4}  {hit.score:7.4f}{match(hit)}  {hit.page_id:<{wid}}  {row.series or '-':<{wser}}  "
+              f"{row.snippet}")

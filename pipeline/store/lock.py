@@ -237,13 +237,18 @@ class WriterLock:
 
     def release(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._thread is not None:  # a beat stuck on a store that stopped answering is not waited for long:
+            self._thread.join(timeout=1)  # after the delete below its conditional renewal cannot succeed
         if self.lost is None and self._tag is not None:
-            try:
-                conditional.delete(self.loc, self.path, self._tag)
+            from ..faults import bounded
+
+            try:  # bounded: a store that stopped answering must not hold the build's exit back
+                bounded(lambda: conditional.delete(self.loc, self.path, self._tag))
             except conditional.Conflict:
                 pass  # taken over meanwhile: it is not ours to remove
+            except Exception as exc:  # noqa: BLE001 - a store turned read-only or unreachable: the rerun takes the lock over
+                logging.getLogger("pagecube.lock").info("pagecube: could not release the lock of %s: %s",
+                                                           self.loc, exc)
 
     def __enter__(self) -> "WriterLock":
         return self.acquire()
@@ -281,7 +286,7 @@ def running_mark(loc: StoreLocation, chunk: int):
         if loc.is_local:
             fs.makedirs(loc.meta_path(RUNNING_DIR), exist_ok=True)
         fs.pipe_file(path, b"")
-    except OSError:
+    except Exception:  # noqa: BLE001 - a full disk or an unreachable store: the task's own steps meet it
         path = None
     try:
         yield

@@ -4,18 +4,28 @@ Routes (on the scheduler's dashboard server, or on ``pagecube status --serve``):
 
 - ``/pagecube``                 the page (static HTML + JS, no build step)
 - ``/pagecube/static/<file>``   its script and style sheet
-- ``/pagecube/api/status``      the snapshot (``snapshot.py``) plus one row per worker on a scheduler
+- ``/pagecube/api/status?tab=T&shown=1`` the snapshot (``snapshot.py``) plus one row per worker on a
+  scheduler, and ``ended`` once the build has ended (``end_build``); ``tab`` names the open page
+  that polls, ``shown=1`` says it shows the end
 - ``/pagecube/thumb?page=N&w=W`` page N drawn by ``pipeline.show.render_page`` (as ``pagecube show``), W px wide,
   as JPEG, one at a time (drawing costs CPU in the scheduler's process; measured in benchmarks/page_cost.py)
 
 Store reads and drawing run in a thread, off the scheduler's event loop; a snapshot is reused for
 ``CACHE_S`` so that several open tabs cost one read.  A malformed or unknown query parameter is
 answered with 400 and one line of JSON, any other error with one line too, never a traceback.
+
+The end of a build: the build's scheduler goes away with the build, so an open page would only
+ever show the last snapshot it happened to fetch ("87% building").  When the build ends it calls
+``end_build`` (``pipeline.watch.show_the_end``): the plugin records how it ended and how to open
+the page again, drops its cached snapshot, and the build keeps its server up until every page
+that polled in the last ``TAB_OPEN_S`` says it shows the end with its thumbnails (``shown=1``),
+at most ``END_WAIT_S``.
 """
 from __future__ import annotations
 
 import io
 import json
+import shlex
 import threading
 import time
 from collections import OrderedDict, defaultdict, deque
@@ -27,7 +37,7 @@ from tornado.web import Finish, RequestHandler
 
 from cluster.http import RoutesPlugin
 
-from .snapshot import snapshot
+from .snapshot import clean_url, snapshot
 
 PAGE_PATH = "/pagecube"
 CACHE_S = 1.0
@@ -35,6 +45,10 @@ WORKER_RATE_WINDOW_S = 60.0
 THUMB_WIDTH = 220
 THUMB_LIMITS = (48, 800)
 THUMB_CACHE = 64
+#: a page that polled this recently is open (it polls every 2 s; a browser may slow a tab hidden for
+#: minutes to one poll a minute: such a tab is not waited for, and says how to reopen the page)
+TAB_OPEN_S = 6.0
+TAB_LIMIT = 256
 #: thumbnails are drawn one at a time, so that an open page never takes more than one thread's CPU
 _DRAWING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagecube-thumb")
 STATIC = {"page.js": "application/javascript; charset=utf-8", "page.css": "text/css; charset=utf-8"}
@@ -67,10 +81,15 @@ class WatchPlugin(RoutesPlugin):
         self._events: dict[str, deque] = defaultdict(lambda: deque(maxlen=4096))
         self._totals: dict[str, int] = defaultdict(int)
         self._devices: dict[str, str] = {}
+        self.ended: dict | None = None
+        self._generation = 0
+        self._tabs_lock = threading.Lock()
+        self._tabs: OrderedDict = OrderedDict()  # tab -> [last poll (monotonic), it shows the end]
 
     def __getstate__(self):
         state = super().__getstate__()
-        for key in ("_lock", "_cached", "_thumbs", "_events", "_totals", "_devices"):
+        for key in ("_lock", "_cached", "_thumbs", "_events", "_totals", "_devices", "ended", "_tabs",
+                    "_tabs_lock", "_generation"):
             state.pop(key, None)
         return state
 
@@ -96,11 +115,39 @@ class WatchPlugin(RoutesPlugin):
     # --- what the handlers ask for ---------------------------------------------------------------
 
     def snapshot(self) -> dict:
-        """The store's snapshot, read at most once per ``CACHE_S`` (thread-safe)."""
+        """The store's snapshot, read at most once per ``CACHE_S`` and afresh after the end (thread-safe)."""
         with self._lock:
-            if self._cached is None or time.monotonic() - self._cached[0] > CACHE_S:
-                self._cached = (time.monotonic(), snapshot(self.store, self.storage_options))
-            return self._cached[1]
+            generation = self._generation
+            if self._cached is None or self._cached[1] != generation or time.monotonic() - self._cached[0] > CACHE_S:
+                self._cached = (time.monotonic(), generation, snapshot(self.store, self.storage_options))
+            return self._cached[2]
+
+    def end_build(self, state: str, reason: str = "") -> None:
+        """The build ended (``finished`` or ``stopped``, and why): later snapshots are read afresh and say so."""
+        reopen = f"pagecube status {shlex.quote(clean_url(self.store))} --serve"
+        if self.image_root:
+            reopen += f" --image-root {shlex.quote(clean_url(self.image_root))}"
+        with self._tabs_lock:  # not self._lock: that one is held while a snapshot is read, off the event loop
+            self._generation += 1  # a snapshot read before this line is not reused
+            self.ended = {"state": state, "reason": reason, "reopen": reopen}
+            for seen in self._tabs.values():
+                seen[1] = False
+
+    def polled(self, tab: str | None, shown_end: bool) -> None:
+        """Tab ``tab`` polled; ``shown_end``: it shows the end it was sent, thumbnails loaded."""
+        if not tab:
+            return
+        with self._tabs_lock:
+            seen = self._tabs.pop(tab, [0.0, False])
+            self._tabs[tab] = [time.monotonic(), seen[1] or (shown_end and self.ended is not None)]
+            while len(self._tabs) > TAB_LIMIT:
+                self._tabs.popitem(last=False)
+
+    def pages_waiting(self) -> int:
+        """How many open pages (polled in the last ``TAB_OPEN_S``) do not show the end yet."""
+        now = time.monotonic()
+        with self._tabs_lock:
+            return sum(1 for last, sent in self._tabs.values() if now - last < TAB_OPEN_S and not sent)
 
     def workers(self) -> list[dict] | None:
         """One row per worker (on the scheduler's event loop: reads scheduler state); None off a scheduler."""
@@ -248,11 +295,17 @@ class StaticHandler(_Handler):
 
 
 class StatusHandler(_Handler):
+    PARAMS = {"tab": "a name the open page gives itself", "shown": "1 once the page shows the build's end"}
+
     async def get(self):
         plugin = self.plugin()
+        tab = (self.request.query_arguments.get("tab") or [b""])[0].decode("ascii", "replace")[:64]
+        plugin.polled(tab, self.int_arg("shown", 0, 0, 1) == 1)
+        ended = plugin.ended  # read before the snapshot: the snapshot is then one taken after the end
         data = dict(await self.in_thread(plugin.snapshot))
         data["workers"] = plugin.workers()
         data["on_scheduler"] = data["workers"] is not None
+        data["ended"] = ended
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(json.dumps(data, allow_nan=False, default=str))
 
@@ -281,3 +334,23 @@ ROUTES = [
     (rf"{PAGE_PATH}/api/status", StatusHandler, {}),
     (rf"{PAGE_PATH}/thumb", ThumbHandler, {}),
 ]
+
+
+# --- the end of a build (run on the scheduler by ``pipeline.watch.show_the_end``) -------------------
+
+
+def end_on_scheduler(dask_scheduler, store: str, state: str, reason: str) -> int:
+    """Mark the build of ``store`` ended on this scheduler's page; how many open pages wait for it."""
+    plugin = dask_scheduler.plugins.get(WatchPlugin.name)
+    if not isinstance(plugin, WatchPlugin) or plugin.store != store:
+        return 0
+    plugin.end_build(state, reason)
+    return plugin.pages_waiting()
+
+
+def waiting_on_scheduler(dask_scheduler, store: str) -> int:
+    """How many open pages of ``store`` have not yet been sent the end."""
+    plugin = dask_scheduler.plugins.get(WatchPlugin.name)
+    if not isinstance(plugin, WatchPlugin) or plugin.store != store:
+        return 0
+    return plugin.pages_waiting()

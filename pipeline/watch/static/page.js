@@ -2,12 +2,14 @@
 // Text from the store (page ids, failure reasons) is only ever set with textContent.
 "use strict";
 (function () {
-  const EVERY_MS = 2000;
+  const EVERY_MS = 2000, ENDED_EVERY_MS = 10000;
   const API = new URL("pagecube/api/status", document.baseURI).href;
+  // a name for this open page: the build keeps its server up until every open page shows its end
+  const TAB = Math.random().toString(36).slice(2, 12);
   const THUMB = new URL("pagecube/thumb", document.baseURI).href;
   const COLOURS = { pending: "#e2e6eb", running: "#4c8bf5", done: "#2fa36b", failed: "#e0524d" };
   const $ = (id) => document.getElementById(id);
-  let last = null, lastOk = 0, timer = null, recentKey = "", mapState = null;
+  let last = null, lastOk = 0, timer = null, recentKey = "", mapState = null, shownEnd = false;
 
   function el(tag, props, ...children) {
     const node = document.createElement(tag);
@@ -239,13 +241,13 @@
   }
   // Thumbnails cost the server a drawing each: new ones at most every THUMBS_EVERY_MS, and a page
   // already shown keeps its picture.
-  const THUMBS_EVERY_MS = 30000;
+  const THUMBS_EVERY_MS = 10000;
   let thumbsAt = 0;
   const shownThumbs = new Map();
-  function renderThumbs(recent) {
+  function renderThumbs(recent, final) {
     const key = JSON.stringify(recent);
     $("no-thumbs").hidden = recent.length > 0;
-    const soon = recentKey && recent.length <= shownThumbs.size && Date.now() - thumbsAt < THUMBS_EVERY_MS;
+    const soon = !final && recentKey && recent.length <= shownThumbs.size && Date.now() - thumbsAt < THUMBS_EVERY_MS;
     if (key === recentKey || soon) return;
     recentKey = key;
     thumbsAt = Date.now();
@@ -276,6 +278,39 @@
     $("model").replaceChildren(...rows);
   }
 
+  // --- the end of a build ---------------------------------------------------------------------
+  // The build's scheduler serves this page and goes away with the build: when the build ends it
+  // says so (d.ended) and waits a few seconds for this page to show it. Served from the store
+  // (status --serve), a store that no build holds says the same through its writer state.
+  function endOf(d) {
+    const p = d.pages;
+    if (d.ended) {
+      const finished = d.ended.state !== "stopped" && p.pending === 0;
+      return { state: finished ? "finished" : "stopped", reopen: d.ended.reopen,
+        reason: d.ended.reason || (finished ? "" : `the build ended with ${fmtInt(p.pending)} pages pending`) };
+    }
+    if (d.writer.state === "finished") return { state: "finished", reason: "" };
+    if (d.writer.state === "stopped") return { state: "stopped", reason: d.writer.text };
+    return null;
+  }
+  function renderEnd(end, d) {
+    const box = $("end");
+    box.hidden = !end;
+    if (!end) return;
+    const p = d.pages, failed = p.failed ? `, ${fmtInt(p.failed)} failed` : ", none failed";
+    const pending = p.pending ? `, ${fmtInt(p.pending)} pending` : "";
+    $("end-state").textContent = end.state.toUpperCase();
+    $("end-counts").textContent = `${fmtInt(p.done)} of ${fmtInt(p.total)} pages done${failed}${pending}.`;
+    $("end-reason").textContent = end.reason ? `Stopped: ${end.reason}.` : "";
+    $("end-reason").hidden = !end.reason;
+    const reopen = $("end-reopen");
+    reopen.hidden = !end.reopen;
+    if (end.reopen) {
+      reopen.replaceChildren("This build's server closes with the build. To open this page again: ",
+        el("code", { text: end.reopen }));
+    }
+  }
+
   // --- polling ---------------------------------------------------------------------------------
   function render(d) {
     $("store").textContent = d.store;
@@ -286,18 +321,21 @@
       showBanner(d.message);
       return;
     }
-    document.body.dataset.state = d.writer.state;
-    $("state").textContent = d.writer.state;
+    const end = endOf(d);
+    document.body.dataset.state = end ? end.state : d.writer.state;
+    $("state").textContent = end ? end.state : d.writer.state;
     $("dask-link").hidden = !d.on_scheduler;
     renderSummary(d);
+    renderEnd(end, d);
     // redraw only what changed: an open page should cost the build next to nothing
     if (changed("chart", d.rate.history)) renderChart(d.rate);
     if (changed("map", [d.chunks.map, d.chunks.counts])) renderMap(d.chunks);
     if (changed("failures", d.failures)) renderFailures(d.failures);
     if (changed("workers", d.workers && d.workers.map((w) => [w.name, w.device, fmtRate(w.pages_per_s), w.pages,
       w.tasks, fmtBytes(w.rss), Math.round(w.cpu || 0), w.gpu_util, fmtBytes(w.gpu_memory)]))) renderWorkers(d.workers);
-    renderThumbs(d.recent);
+    renderThumbs(d.recent, !!end);
     renderModel(d.model, d.store);
+    return end;
   }
   const drawn = {};
   function changed(part, value) {
@@ -308,22 +346,46 @@
   }
   function showBanner(text) { const b = $("banner"); b.textContent = text || ""; b.hidden = !text; }
 
+  // resolves once every thumbnail asked for so far has loaded (or failed)
+  function imagesLoaded() {
+    return new Promise((resolve) => {
+      const check = () => (imageLoading || imageQueue.length ? setTimeout(check, 100) : resolve());
+      check();
+    });
+  }
+  // tell the build's server this page shows its end, thumbnails and all: the build may then go
+  async function sayShown() {
+    await imagesLoaded();
+    shownEnd = true;
+    refresh();
+  }
+
   async function refresh() {
     clearTimeout(timer);
     try {
-      const res = await fetch(API, { cache: "no-store" });
+      const res = await fetch(`${API}?tab=${TAB}${shownEnd ? "&shown=1" : ""}`, { cache: "no-store" });
       const d = await res.json();
       if (!res.ok) throw new Error(d.error || res.statusText);
       last = d; lastOk = Date.now();
       $("updated").textContent = `updated ${new Date(lastOk).toLocaleTimeString()}`;
       showBanner(d.ready ? "" : d.message);
       render(d);
-      timer = setTimeout(refresh, EVERY_MS);
+      if (d.ended && !shownEnd) sayShown();
+      else if (!d.ended) shownEnd = false;  // a later build on the same scheduler
+      // once this page shows the end, the build's server may close: ask seldom (a remote scheduler stays,
+      // and its next build is seen within ENDED_EVERY_MS)
+      timer = setTimeout(refresh, d.ended && shownEnd ? ENDED_EVERY_MS : EVERY_MS);
       return d.ready ? { done: d.pages.done, failed: d.pages.failed, pending: d.pages.pending } : null;
     } catch (err) {
+      if (last && last.ended) {  // the build ended and its server went with it: the end stays on the page
+        $("updated").textContent = `the build's server has closed; final state from ${new Date(lastOk).toLocaleTimeString()}`;
+        $("dask-link").hidden = true;
+        return null;  // nothing left to poll
+      }
       const when = lastOk ? ` Showing the state from ${new Date(lastOk).toLocaleTimeString()}.` : "";
+      const store = last && last.store ? last.store : "STORE";
       showBanner(`Lost contact with the server (${err.message}).${when} When a build ends its scheduler goes too; ` +
-        "`pagecube status STORE --serve` serves this page from the store.");
+        `\`pagecube status ${store} --serve\` serves this page from the store.`);
       timer = setTimeout(refresh, EVERY_MS * 2.5);
       return null;
     }
