@@ -44,6 +44,8 @@ HASH_SEED = "6640"  # what Dask's Nanny gives spawned workers
 
 #: Imported after the caller's modules: see its docstring (the forked workers' garbage collector).
 READY = "cluster.forkserver_ready"
+#: Imported before anything else: the server and its workers ignore SIGINT (see its docstring).
+NO_SIGINT = "cluster.forkserver_sigint"
 
 _LOCK = threading.Lock()
 _STATE: dict = {"pid": None, "env": None, "modules": ()}
@@ -137,7 +139,7 @@ def start_forkserver(modules: Sequence[str], env_extra: dict[str, str] | None = 
                     os.environ[key] = env[key]
                 else:
                     del os.environ[key]
-            preload = [__name__, *(m for m in modules if m not in (__name__, READY)), READY]
+            preload = [NO_SIGINT, __name__, *(m for m in modules if m not in (NO_SIGINT, __name__, READY)), READY]
             multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
             forkserver.ensure_running()
         finally:

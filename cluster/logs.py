@@ -60,13 +60,32 @@ def _stderr_handlers(logger: logging.Logger) -> list[logging.Handler]:
             and not isinstance(h, logging.FileHandler) and getattr(h, "stream", None) in (sys.stderr, sys.__stderr__)]
 
 
+#: (swapped handlers, file handler) of a ``dask_logs_to_file`` that ended with a Ctrl-C.
+_LEFT_ON_FILE: list = []
+
+
+def _restore(entries: list) -> None:
+    """Dask's loggers back on the handlers they had before, each file handler closed."""
+    while entries:
+        swapped, handler = entries.pop()
+        for logger, h in swapped:
+            logger.removeHandler(handler)
+            if h is not None:
+                logger.addHandler(h)
+        handler.close()
+
+
 @contextlib.contextmanager
 def dask_logs_to_file(prefix: str = "dask-", report=None):
     """Inside: Dask's log records of this process and of workers spawned here go to a temporary file.
 
     Yields a :class:`DaskLog`.  Afterwards ``report`` (a callable) gets its one-line summary when
-    Dask logged errors or warnings; otherwise the file is removed.
+    Dask logged errors or warnings; otherwise the file is removed.  After a Ctrl-C (KeyboardInterrupt)
+    the file is kept without a summary, and Dask's loggers stay on it until the next call: what Dask
+    logs then is the interrupted tasks' noise, or a cluster's threads still starting or closing, and the
+    interrupted program's own line must be its last.
     """
+    _restore(_LEFT_ON_FILE)
     fd, path = tempfile.mkstemp(prefix=prefix, suffix=".log")
     os.close(fd)
     fmt = dask.config.get("distributed.admin.log-format")
@@ -92,22 +111,25 @@ def dask_logs_to_file(prefix: str = "dask-", report=None):
     config["loggers"]["distributed.client"]["level"] = "WARNING"
     before = os.environ.pop(ENV, None)  # dask prefers a variable already set over the pre-spawn config
     log = DaskLog(path)
+    interrupted = False
     try:
         with dask.config.set({f"distributed.nanny.pre-spawn-environ.{ENV}": repr(config)}):
             yield log
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         # the nanny exported it into this process's environment: later processes must not inherit it
         os.environ.pop(ENV, None)
         if before is not None:
             os.environ[ENV] = before
-        for logger, h in swapped:
-            logger.removeHandler(handler)
-            if h is not None:
-                logger.addHandler(h)
-        handler.close()
+        if interrupted:
+            _LEFT_ON_FILE.append((swapped, handler))
+        else:
+            _restore([(swapped, handler)])
         line = log.summary()
         if line is None:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        elif report is not None:
+        elif report is not None and not interrupted:
             report(line)

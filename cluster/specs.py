@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,16 @@ def slurm_job_script(spec: dict, scheduler_address: str = "tcp://SCHEDULER:8786"
     kw.pop("scheduler_options", None)
     kw.pop("n_workers", None)
     kw.pop("silence_logs", None)
-    return job_cls(scheduler=scheduler_address, name="pagecube-worker", **kw).job_script()
+    logs = kw.get("log_directory")
+    if logs is None:
+        return job_cls(scheduler=scheduler_address, name="pagecube-worker", **kw).job_script()
+    # dask-jobqueue makes the log folder when a job is made (it is for the submitting machine, at
+    # submit time): an offline script must not leave one in the current folder, so the job is made with
+    # a throw-away folder whose path is then replaced by the spec's in the script
+    with tempfile.TemporaryDirectory(prefix="jobqueue-logs-") as scratch:
+        kw["log_directory"] = stand_in = os.path.join(scratch, "logs")
+        script = job_cls(scheduler=scheduler_address, name="pagecube-worker", **kw).job_script()
+    return script.replace(stand_in, os.fspath(logs))
 
 
 def kubernetes_cluster_spec(spec: dict) -> dict:

@@ -253,6 +253,16 @@ def _worker_start(preload_modules, warm_modules=()):
         yield {"env": env, "preload": ["cluster.forkserver"]}
 
 
+def _ignore_sigint_preload() -> dict:
+    """Config that adds ``cluster.interrupts`` to the workers' preloads: a spawned local worker then
+    ignores Ctrl-C, which its client handles (forked ones ignore it from the start)."""
+    from .interrupts import PRELOAD
+
+    preload = dask.config.get("distributed.worker.preload", default=None) or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    return {"distributed.worker.preload": preload if PRELOAD in preload else [*preload, PRELOAD]}
+
+
 @contextlib.contextmanager
 def _open_local(workers, threads_per_worker, device, dashboard_address, security, timeout, preload_modules=(),
                 warm_modules=()):
@@ -267,7 +277,8 @@ def _open_local(workers, threads_per_worker, device, dashboard_address, security
     protocol = "tls://" if security is not None and getattr(security, "require_encryption", False) else "tcp://"
     with contextlib.ExitStack() as stack:
         # held for the cluster's life: a nanny reads them again when its worker is lost or restarted
-        stack.enter_context(dask.config.set({**NO_MALLOC_TRIM, **KEEP_LOCAL_NANNIES, **local_timers()}))
+        stack.enter_context(dask.config.set({**NO_MALLOC_TRIM, **KEEP_LOCAL_NANNIES, **local_timers(),
+                                             **_ignore_sigint_preload()}))
         start = stack.enter_context(_worker_start(preload_modules if not ids else (), warm_modules))
         with _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, security, timeout,
                                  protocol, start) as handle:
@@ -283,7 +294,8 @@ def _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, sec
 
         if workers is None:  # enough workers per GPU to feed it (cluster.placement says why)
             workers = len(ids) * default_workers_per_gpu(len(ids), _cpu_count())
-        cluster = gpu_spec_cluster(ids, threads_per_worker or 1, dashboard_address, security, workers)
+        with _half_started_dropped():
+            cluster = gpu_spec_cluster(ids, threads_per_worker or 1, dashboard_address, security, workers)
         gpu = True
     else:
         cores = _cpu_count()
@@ -300,18 +312,19 @@ def _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, sec
                 RuntimeWarning,
                 stacklevel=6,
             )
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            host="127.0.0.1",
-            protocol=protocol,
-            dashboard_address=dashboard_address,
-            security=security,
-            silence_logs=logging.WARNING,
-            scheduler_sync_interval=LOCAL_CLUSTER_SYNC_S,
-            **start,
-        )
+        with _half_started_dropped():
+            cluster = LocalCluster(
+                n_workers=workers,
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                host="127.0.0.1",
+                protocol=protocol,
+                dashboard_address=dashboard_address,
+                security=security,
+                silence_logs=logging.WARNING,
+                scheduler_sync_interval=LOCAL_CLUSTER_SYNC_S,
+                **start,
+            )
         gpu = False
     slow_heartbeats(getattr(cluster, "scheduler", None))
     try:
@@ -322,6 +335,25 @@ def _cluster_and_client(ids, workers, threads_per_worker, dashboard_address, sec
             client.close()
     finally:
         _close_local(cluster)
+
+
+@contextlib.contextmanager
+def _half_started_dropped():
+    """A cluster whose start was cut short (Ctrl-C while it started its workers) is closed as far as it
+    goes and left out of distributed's exit hook, which would fail on it with a traceback
+    (``AssertionError: Status.init``) after the program's last line. Its worker processes end with
+    this process."""
+    from distributed import SpecCluster
+
+    before = set(SpecCluster._instances)
+    try:
+        yield
+    except BaseException:
+        for cluster in set(SpecCluster._instances) - before:
+            with contextlib.suppress(BaseException):
+                cluster.close(timeout=2)
+            cluster.shutdown_on_close = False
+        raise
 
 
 #: Seconds a local cluster may take to close before the worker processes still alive are killed.

@@ -26,6 +26,7 @@ from .model.protocol import info_dict as _info_of
 from .model.registry import BUILTIN, UNTRAINED_NOTICE, ModelNotFound, check_model, default_model, resolve_factory
 from .plan import default_chunk_pages, plan_build
 from .progress import Progress
+from .resume_check import refuse_other_settings
 from .startup import SPAWN_FLAG, WARM_MODULES, spawn_flag_path, start_workers_early, worker_modules
 from .store import index as chunk_index
 from .store.debris import clean_debris
@@ -233,6 +234,8 @@ def build(
         grow_from = _growth(loc, existing, source)
         if defaulted and existing.model in BUILTIN:
             model = existing.model  # rerunning the same command resumes, whatever is installed now
+        refuse_other_settings(loc, existing, model=model, checkpoint=checkpoint, seed=seed,
+                              embedding_dim=embedding_dim, embedding_dtype=embedding_dtype)
     if fallback and model == "tiny":
         say(UNTRAINED_NOTICE)
 
@@ -336,10 +339,11 @@ def build(
                 with sigterm_as_interrupt(), build_span(client, job.run_id):
                     receipts = run_tasks(plan, source, job, handle, resources, bar, reasons, lease=lock,
                                          no_workers_timeout=no_workers_timeout)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as stop:
                 bar.close()
                 say(f"pagecube: interrupted; finished chunks are kept. Resume with the same command "
                      f"(pagecube build {pages} --out {out})")
+                stop.said = True  # the command line says no more
                 raise
             except NoWorkers as exc:
                 bar.close()

@@ -106,6 +106,44 @@ class SliceSpec:
         return out
 
 
+#: Names of a folder's own page list that ``pagecube sample`` and most corpora use.
+LIST_NAMES = ("pages.txt", "pages.jsonl", "manifests.txt", "catalog.jsonl")
+
+
+def folder_hint(spec: str, storage_options: dict | None = None) -> str | None:
+    """What to pass instead of a folder given as the page list (``pagecube build my-pages``): its list
+    file where it has one, or a quoted glob of its manifests; None when ``spec`` is not a folder."""
+    try:
+        fs, path = fsspec.core.url_to_fs(spec, **(storage_options or {}))
+        if not fs.isdir(path):
+            return None
+        names = {posixpath.basename(p.rstrip("/")): fs.isdir(p) for p in fs.ls(path, detail=False)}
+    except Exception:  # noqa: BLE001 - no hint then, the plain "not found"
+        return None
+    here = spec.rstrip("/\\")
+    listed = next((n for n in LIST_NAMES if names.get(n) is False), None)
+    manifests = None
+    if any(n.endswith(".json") and not d for n, d in names.items()):
+        manifests = f"'{here}/*.json'"
+    else:
+        for sub in sorted(n for n, d in names.items() if d):
+            try:
+                if fs.glob(f"{path.rstrip('/')}/{sub}/*.json"):
+                    manifests = f"'{here}/{sub}/*.json'"
+                    break
+            except Exception:  # noqa: BLE001
+                continue
+    what = f"{spec} is a folder, not a page list"
+    if listed and manifests:
+        return f"{what}: pass its page list {here}/{listed}, or a quoted glob of its manifests, {manifests}"
+    if listed:
+        return f"{what}: pass its page list {here}/{listed}"
+    if manifests:
+        return f"{what}: pass a quoted glob of its manifests, {manifests} (or a list file of them, one per line)"
+    return (f"{what}, and it holds no JSON manifests: pass a list file (one manifest path per line), "
+            f"a quoted glob such as '{here}/*.json', or a .jsonl catalog")
+
+
 class PageSource:
     """The page list: its length, a digest of any prefix, and slices for tasks."""
 
@@ -132,7 +170,8 @@ class PageSource:
             with fsspec.open(url, "rb", **self.storage_options) as f:
                 data = f.read()
         except (FileNotFoundError, IsADirectoryError):
-            raise InputError(f"page list not found: {self.spec}") from None
+            raise InputError(folder_hint(self.spec, self.storage_options)
+                             or f"page list not found: {self.spec}") from None
         except OSError as exc:
             raise InputError(f"cannot read page list {self.spec}: {exc}") from None
         self.starts, self.ends = _entries(data)

@@ -51,3 +51,24 @@ def manifests(pages_txt: Path) -> list[dict]:
 
 # Test hosts (issue 10): the `testhosts` (session) and `hosts` (function) fixtures.
 from testhosts import hosts, testhosts  # noqa: E402,F401
+
+
+# The checkout as the tests found it (issue 25: an empty slurm-logs/ was left in the repository root).
+def _root_entries() -> set[str]:
+    names = {p.name for p in ROOT.iterdir()}
+    try:  # what git ignores (.pytest_cache, *.zarr, demo-out, ...) may come and go
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "--stdin"], input="\n".join(names),
+                                 capture_output=True, text=True, timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        ignored = []
+    return names - set(ignored)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_as_found():
+    """No test leaves a new file or folder in the repository root."""
+    before = _root_entries()
+    yield
+    left = _root_entries() - before
+    if left:
+        pytest.fail(f"tests left new entries in the repository root: {sorted(left)}", pytrace=False)

@@ -17,9 +17,12 @@ EARLY_OPTIONS = ("--cluster", "--device", "--model", "--checkpoint")
 def main(argv: list[str] | None = None) -> int:
     """Run one ``pagecube`` command; returns its exit code (see :mod:`pipeline.cli.commands`)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    start_build_workers_early(args)
-    from .commands import main as run_command
-
+    try:
+        start_build_workers_early(args)
+        from .commands import main as run_command
+    except KeyboardInterrupt:  # Ctrl-C while the command was still importing
+        print("pagecube: interrupted", file=sys.stderr, flush=True)
+        return 130
     return run_command(args)
 
 

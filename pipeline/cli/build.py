@@ -1,6 +1,7 @@
 """``pagecube build``: build or resume a store."""
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Optional
 
@@ -9,7 +10,24 @@ import typer
 from .app import app
 
 
+def says_interrupted(command):
+    """Ctrl-C at any moment of ``pagecube build`` ends with the one line: the build says it once its tasks
+    run (with the command to resume), this says it for a Ctrl-C before (imports, the cluster's start)."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt as stop:
+            if not getattr(stop, "said", False):
+                print("pagecube: interrupted; finished chunks are kept. Resume with the same command",
+                      file=sys.stderr, flush=True)
+            raise
+
+    return run
+
+
 @app.command()
+@says_interrupted
 def build(
     pages: str = typer.Argument(..., help="A list file (one manifest per line), a glob, or a .jsonl catalog."),
     out: str = typer.Option(..., "--out", "-o", help="The store (a local path or an fsspec URL such as s3://...)."),

@@ -8,13 +8,13 @@ clear line on stderr).
 """
 from __future__ import annotations
 
-import re
 import sys
 
 import click
 import typer
 
 from .app import app
+from .usage import one_line, plain_labels
 from . import build as _build, inspect as _inspect, sample as _sample  # noqa: F401  (register commands)
 from . import show as _show  # noqa: F401,E402  (pagecube show)
 from . import similar as _similar  # noqa: F401,E402  (pagecube similar)
@@ -27,25 +27,13 @@ def _click(name: str) -> tuple:
     return tuple({getattr(m, name) for m in mods if m is not None and hasattr(m, name)})
 
 
-def _expanded_glob(exc) -> str | None:
-    """One line for the usual cause of many extra arguments: a glob the shell expanded (it was not quoted)."""
-    msg = getattr(exc, "message", "") or ""
-    found = re.fullmatch(r"Got unexpected extra arguments?(?:\(s\))? \((.*)\)", msg.strip(), re.S)
-    if found is None:
-        return None
-    extra = found.group(1).split()
-    if len(extra) < 2:
-        return None
-    cmd = exc.ctx.info_name if getattr(exc, "ctx", None) is not None else "pagecube"
-    return (f"{cmd} got {len(extra) + 1} paths where it takes one: the shell expanded a glob; quote it so "
-            "that pagecube expands it, e.g. 'manifests/*.json'")
-
-
 def main(argv: list[str] | None = None) -> int:
     from ..errors import BadArgument, BuildStopped
 
+    command = typer.main.get_command(app)
+    plain_labels(command)
     try:
-        rc = app(args=argv, prog_name="pagecube", standalone_mode=False)
+        rc = command.main(args=argv, prog_name="pagecube", standalone_mode=False)
         return rc if isinstance(rc, int) else 0  # click returns typer.Exit's code when not standalone
     except _click("Exit") as exc:
         return exc.exit_code
@@ -54,12 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:
         return 130
+    except _click("NoArgsIsHelpError") as exc:  # plain ``pagecube``: the help
+        exc.show()
+        return 2
     except _click("UsageError") as exc:
-        glob = _expanded_glob(exc)
-        if glob is None:
-            exc.show()
-        else:
-            print(f"pagecube: error: {glob}", file=sys.stderr)
+        print(f"pagecube: error: {one_line(exc, argv, command)}", file=sys.stderr)
         return 2
     except _click("ClickException") as exc:
         exc.show()

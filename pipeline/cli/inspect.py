@@ -21,7 +21,6 @@ def status(
 ) -> None:
     """Done, failed and pending pages, recent rate, ETA and failures by reason (mid-run too)."""
     from ..errors import BadArgument
-    from ..readers import store_status
 
     options = _options(storage_options)
     if serve and watch:
@@ -42,7 +41,10 @@ def status(
 
         watch_status(store, options, every)
         return
-    print("\n".join(store_status(store, options).lines()))
+    from ..store.location import StoreLocation
+    from ..watch.terminal import status_lines, status_now
+
+    print("\n".join(status_lines(*status_now(StoreLocation.of(store, options), options))))
 
 
 def _check_store(store, options) -> None:

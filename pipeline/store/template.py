@@ -41,8 +41,10 @@ class StoreConfig:
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, other: "StoreConfig", ignore: tuple[str, ...] = ()) -> list[str]:
+        from ..resume_check import short_digest
+
         mine, theirs = asdict(self), asdict(other)
-        return [f"{k} {theirs[k]!r} (store) vs {mine[k]!r} (this build)"
+        return [f"{k} {short_digest(theirs[k])!r} (store) vs {short_digest(mine[k])!r} (this build)"
                 for k in mine if k not in ignore and mine[k] != theirs[k]]
 
 
