@@ -25,6 +25,7 @@ class _Slow:
     def __init__(self, inner, delay):
         self.inner, self.delay = inner, delay
         self.info, self.device = inner.info, inner.device
+        self.panel_side = inner.panel_side  # decoded as the inner model wants, so outputs equal its own builds
 
     def prepare(self, page):
         return self.inner.prepare(page)

@@ -34,6 +34,7 @@ class _HeldModel:
     def __init__(self, inner, hold: str):
         self._inner, self._hold, self._calls = inner, hold, 0
         self.info, self.device = inner.info, inner.device
+        self.panel_side = inner.panel_side  # decoded as the inner model wants, so outputs equal its own builds
 
     def prepare(self, page):
         return self._inner.prepare(page)

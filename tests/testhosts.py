@@ -662,6 +662,7 @@ class _LoggedModel:
     def __init__(self, inner):
         self._inner = inner
         self.info, self.device = inner.info, inner.device
+        self.panel_side = inner.panel_side  # decoded as the inner model wants, so outputs equal its own builds
         self._dir = os.environ.get(SHARED_ENV, "")
 
     def _control(self) -> dict:
