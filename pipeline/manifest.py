@@ -259,6 +259,7 @@ def read_page(ref: PageRef, *, max_panels: int, image_root: str | None = None,
         page = page_from_manifest(manifest, images.upright_size(header, orientation), max_panels)
         reduction = images.reduction_for(page.boxes, page.size, panel_side)
         page.image, page.image_scale = images.decode(header, reduction, orientation)
+        page.image_path = image_path
     except images.ImageDecodeError as err:
         raise _why(image_path, err) from None
     return page

@@ -33,6 +33,7 @@ class Page:
     meta: dict = field(default_factory=dict)  # source, series, volume, issue, page_num
     image_scale: float = 1.0  # image pixels per page pixel: 1/2, 1/4 or 1/8 when decoded for a model's crops
     page_size: tuple[int, int] | None = None  # (width, height) of the full page, the frame of ``boxes``
+    image_path: str = ""  # where the image was read (its folder vanishing mid-task is the world's fault)
 
     @property
     def n_kept(self) -> int:

@@ -307,7 +307,8 @@ def _location_gone(folder: str, storage_options: dict, whole_task: bool) -> bool
     of the world (a bucket or a mount taken away), not pages that are missing.
 
     A URL's bucket that is gone always is; the folder itself only when every page of the task is
-    missing (a folder that some pages' typos name is not a location that went away).  A single
+    missing, or when this task read other pages from it before (``whole_task``): a folder that only
+    some pages' typos name is not a location that went away.  A single
     missing image in a location that is there stays a page fault.
     """
     import fsspec
@@ -409,6 +410,7 @@ def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget)
     world: dict[int, tuple] = {}  # page -> (Fault, location): reads that met the world, retried below
     why: dict[int, str] = {}  # page -> the reason of its last read, for a refused one that becomes the page's
     missing: dict[int, str] = {}  # page -> "not found" reason: page faults, unless their location is gone
+    read_from: set[str] = set()  # image folders this task has read pages from (they existed then)
     n_read = 0
 
     def take(i: int, page, prepared, reason, fault) -> None:
@@ -424,6 +426,8 @@ def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget)
                 fail(i, reason)
             return
         n_read += 1
+        if page.image_path:
+            read_from.add(parent(page.image_path))
         pending.append((i, page, prepared))
         if len(pending) >= job.batch_size:
             run_batch(pending)
@@ -443,7 +447,7 @@ def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget)
                     folders.setdefault(parent(_NOT_FOUND.match(why).group(1)), []).append(i)
                 whole = n_read == 0 and len(missing) + len(world) == len(todo)
                 for folder, pages in folders.items():
-                    if _location_gone(folder, job.storage_options, whole):
+                    if _location_gone(folder, job.storage_options, whole or folder in read_from):
                         for i in pages:
                             world[i] = (Fault("gone", missing.pop(i)), folder)
             for i in [i for i, (fault, _) in world.items() if fault.kind == "denied" and n_read]:
