@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import dask
 
 from . import __version__
-from .errors import BadArgument, BuildError
+from .errors import BadArgument, BuildError, BuildStopped
+from .faults import WorldStop, advice, classify
 from .inputs import InputError, PageSource, over_network
 from .model.protocol import info_dict as _info_of
 from .model.registry import BUILTIN, UNTRAINED_NOTICE, ModelNotFound, check_model, default_model, resolve_factory
@@ -32,6 +33,7 @@ from .store.grow import grow_store
 from .store.location import StoreLocation
 from .store.conditional import supports_conditional_writes
 from .store.lock import WriterLock, clear_running, lease_seconds, refuse_if_locked
+from .store.stopped import clear_stop, record_stop
 from .store.template import CODECS, EMBEDDING_DTYPES, StoreConfig, read_config, write_template
 from .submit import ALLOWED_FAILURES, METRICS, WORKER_SATURATION, build_span, run_tasks, say, sigterm_as_interrupt
 from .types import JobSpec
@@ -290,9 +292,10 @@ def build(
         if not supports_conditional_writes(loc):
             say(f"pagecube: warning: store {loc} does not support conditional writes (If-None-Match, If-Match): "
                 "two builds that start at the same instant are not kept apart")
-        with WriterLock(loc, take_over=take_over_lock) as lock:
+        with _stops_for_the_world(loc, n_pages), WriterLock(loc, take_over=take_over_lock) as lock:
             if lock.took_over_from:
                 say(f"pagecube: took over the store lock from {lock.took_over_from}")
+            clear_stop(loc)  # this build holds the store now: an earlier stop is no longer what it is
             clean_debris(loc)
             clear_running(loc)  # marks of an earlier build's dead processes do not count now
             if grow_from:
@@ -359,6 +362,39 @@ def build(
     del receipts
     return BuildResult(str(loc), n_pages, done, failed, plan.pages_planned, seconds, handle.dashboard_link, reasons,
                        phases)
+
+
+@contextlib.contextmanager
+def _stops_for_the_world(loc: StoreLocation, n_pages: int):
+    """A fault of the world (a task that gave up, or the store failing the client) stops the build with
+    one line and exit code 75 (``BuildStopped``), recorded in the store for ``status`` to show."""
+    try:
+        yield
+    except WorldStop as stop:
+        raise _stopped(loc, stop, n_pages) from None
+    except BuildError:
+        raise
+    except Exception as exc:
+        fault = classify(exc)
+        if fault is None:
+            raise
+        raise _stopped(loc, WorldStop("store", loc.url, fault.kind, fault.cause), n_pages) from None
+
+
+def _stopped(loc: StoreLocation, stop: WorldStop, n_pages: int) -> BuildStopped:
+    """The stop line (what, where, the pages kept, what to do), recorded in the store where it still takes it."""
+    try:
+        clear_running(loc)  # the marks of tasks that gave up: not deaths to count
+    except Exception:  # noqa: BLE001 - a store that refuses writes keeps them; the next build clears them
+        pass
+    try:
+        done = sum(e.done for e in chunk_index.list_entries(loc).values())
+        kept = f"{done} of {n_pages} pages are done and kept"
+    except Exception:  # noqa: BLE001 - an unreachable store cannot be counted
+        kept = "the pages done before are kept"
+    line = f"{stop}; {kept}; {advice(stop.kind)}"
+    record_stop(loc, stop.kind, line)
+    return BuildStopped(line, stop.kind)
 
 
 def _install_page(client, loc: StoreLocation, image_root: str | None, dashboard_link: str | None) -> None:

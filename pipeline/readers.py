@@ -17,7 +17,8 @@ import zarr
 from .errors import NotAStore
 from .store import index as chunk_index
 from .store.location import StoreLocation, quiet_zarr_warnings
-from .store.lock import lock_state
+from .store.lock import holder_is_gone, lock_state, read_lock
+from .store.stopped import read_stop
 from .store.schema import STATUS_DONE
 
 RATE_WINDOW_CHUNKS = 64
@@ -102,6 +103,12 @@ class StoreStatus:
     failure_chunks: int = 0  # chunks that hold failed pages
     failure_chunks_read: int = 0  # of those, how many were read to group failures by reason
     examples: dict = field(default_factory=dict)  # reason -> [(page index, page id)], when asked for
+    stopped: str = ""  # "stopped: disk full (...)" when a fault of the world stopped the last build
+
+    @property
+    def stop_label(self) -> str:
+        """``disk full`` of ``stopped: disk full (...)``; empty unless stopped."""
+        return self.stopped.split(": ", 1)[1].split(" (", 1)[0] if self.stopped else ""
 
     @property
     def pending(self) -> int:
@@ -109,7 +116,7 @@ class StoreStatus:
 
     @property
     def eta_s(self) -> float | None:
-        if not self.pages_per_s or self.pending == 0:
+        if not self.pages_per_s or self.pending == 0 or self.stopped:
             return None
         return self.pending / self.pages_per_s
 
@@ -120,11 +127,13 @@ class StoreStatus:
             f"pages    {self.n_pages}  done {self.done} ({pct:.1f}%)  failed {self.failed}  pending {self.pending}",
             f"writer   {self.lock}",
         ]
+        if self.stopped:
+            out.append(f"state    {self.stopped}")
         if self.pages_per_s:
             eta = self.eta_s
-            eta_txt = "-" if eta is None else f"{eta / 60:.1f} min"
+            eta_txt = "" if self.stopped else "; ETA " + ("-" if eta is None else f"{eta / 60:.1f} min")
             out.append(f"rate     {self.pages_per_s:.1f} pages/s between the last chunks written "
-                       f"(start-up not counted); ETA {eta_txt}")
+                       f"(start-up not counted){eta_txt}")
         if self.last_write:
             ago = time.time() - self.last_write
             out.append(f"last     chunk written {ago:.0f}s ago")
@@ -178,7 +187,17 @@ def store_status(store, storage_options: dict | None = None, *, entries: dict | 
         if len(stamps) > 1 and stamps.max() > stamps.min():
             rate = float(len(stamps) / ((stamps.max() - stamps.min()) / 1000.0))
     return StoreStatus(loc.url, n_pages, chunk_pages, done, failed, rate, lock_state(loc), failures, last,
-                       len(bad), len(picked), shown)
+                       len(bad), len(picked), shown, stopped_state(loc))
+
+
+def stopped_state(loc: StoreLocation) -> str:
+    """``stopped: disk full (the stop line)`` when a fault of the world stopped the last build and no
+    build holds the store now; else empty."""
+    info = read_lock(loc)
+    if info is not None and holder_is_gone(info) is None:
+        return ""  # a build runs (it cleared the record, or is about to)
+    stop = read_stop(loc)
+    return stop.describe() if stop is not None else ""
 
 
 def _failure_examples(group, kinds, chunks, chunk_pages, n_pages, per_reason) -> dict[str, list]:

@@ -12,6 +12,7 @@ import sys
 
 import dask
 
+from .faults import WorldStop, classify
 from .progress import Progress
 from .store import index as chunk_index
 from .store.location import StoreLocation
@@ -120,7 +121,9 @@ def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None,
             except Exception as exc:  # as on a cluster: the range's pages fail with the reason, the build goes on
                 if _lease_lost(exc):
                     raise
+                _stop_if_world(exc, job)
                 receipt = fail_range(job, task, task_failure(exc, task))
+            _stop_if_stopped(receipt)
             receipts.append(receipt)
             take_receipt(receipt, bar, reasons)
         return receipts
@@ -155,6 +158,10 @@ def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None,
             except Exception as exc:
                 if _lease_lost(exc):
                     raise LeaseLost(str(exc).splitlines()[0]) from None
+                if fut.status == "cancelled" or _cancelled(exc):  # never a page's failure
+                    raise WorldStop("scheduler", _scheduler_address(client), "scheduler-lost",
+                                    _one_line(exc)) from None
+                _stop_if_world(exc, job)
                 deaths = 0
                 if type(exc).__name__ == "KilledWorker":
                     deaths = deaths_running(StoreLocation(job.store_url, job.storage_options), task.chunk)
@@ -169,15 +176,53 @@ def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None,
                     client.log_event("pagecube", {"done": 0, "failed": receipt.failed})
                 except Exception:  # pragma: no cover - counting never fails a build
                     pass
+            _stop_if_stopped(receipt)
             receipts.append(receipt)
             take_receipt(receipt, bar, reasons)
             nxt = next(todo, None)
             if nxt is not None:
                 ac.add(submit(nxt))
-    except BaseException:
-        client.cancel(list(ac.futures))
+    except BaseException as exc:
+        try:
+            client.cancel(list(ac.futures))
+        except Exception:  # noqa: BLE001 - a client that lost its scheduler cannot cancel: say why it stopped
+            pass
+        if isinstance(exc, Exception) and not isinstance(exc, WorldStop) and not _lease_lost(exc) \
+                and client.status not in ("running", "newly-created"):
+            raise WorldStop("scheduler", _scheduler_address(client), "scheduler-lost", _one_line(exc)) from None
         raise
     return receipts
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """Dask cancelled the future (the scheduler or the client's connection to it was lost)."""
+    fault = classify(exc)
+    return fault is not None and fault.kind == "scheduler-lost"
+
+
+def _scheduler_address(client) -> str:
+    try:
+        return str(client.scheduler.address)
+    except Exception:  # noqa: BLE001
+        return "(address unknown)"
+
+
+def _stop_if_stopped(receipt: Receipt) -> None:
+    """A task that gave up on a fault of the world: the build stops (its pages keep no status)."""
+    if receipt.stopped:
+        raise WorldStop(*receipt.stopped)
+
+
+def _stop_if_world(exc: BaseException, job: JobSpec) -> None:
+    """A task that raised a fault of the world outside its own retries: never its pages' failure."""
+    fault = classify(exc)
+    if fault is not None:
+        raise WorldStop("store", job.store_url, fault.kind, fault.cause) from None
 
 
 def finished(ac, watch):

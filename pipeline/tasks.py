@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from .faults import Budget, WorldStop, classify, describe, retrying
 from .inputs import SliceSpec
 from .manifest import PageError, read_page
 from .store.index import ChunkEntry, write_entry
@@ -275,26 +277,60 @@ def _stored_outputs(outs: dict, region: dict, n: int) -> tuple[dict[str, np.ndar
 
 
 def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
+    """The task; a fault of the world it cannot ride out (``pipeline.faults``) ends it without writing
+    ``status`` for its pages, and its receipt says why (``Receipt.stopped``) so the build stops."""
+    try:
+        return _run_chunk(task, source, job, Budget())
+    except WorldStop as stop:
+        logger.info("pagecube: pages [%d, %d) left as they were: %s", task.start, task.stop, stop)
+        return Receipt(task.start, task.stop, 0, 0, worker=_worker_name(),
+                       stopped=(stop.where, stop.location, stop.kind, stop.cause))
+
+
+_NOT_FOUND = re.compile(r"^(?:image|manifest) not found: (.+)$")
+
+
+def _location_gone(path: str, storage_options: dict) -> bool:
+    """Whether the folder holding ``path`` is gone (or cannot be asked): then a task whose every page is
+    "not found" met a fault of the world (a bucket or mount taken away), not pages that are missing."""
+    import fsspec
+
+    from .inputs import parent
+
+    try:
+        fs, folder = fsspec.core.url_to_fs(parent(path), **(storage_options or {}))
+        return not fs.exists(folder)
+    except Exception as exc:  # noqa: BLE001 - asking failed: gone only if the asking met the world
+        return classify(exc) is not None
+
+
+def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget) -> Receipt:
     seconds: dict[str, float] = {}
     loc = StoreLocation(job.store_url, job.storage_options)
-    group = open_store_group(loc, job.run_id)
+
+    def store(fn):
+        return retrying(fn, budget, "store", loc.url)
+
+    group = store(lambda: open_store_group(loc, job.run_id))
     start, stop = task.start, task.stop
-    before = read_region(group, "status", start, stop)
+    before = store(lambda: read_region(group, "status", start, stop))
     done0, failed0 = region_counts(before)
     if done0 + failed0 == len(task) and not (job.retry_failed and failed0):
-        fence(loc, job.run_id)  # even an index entry is written only while this build holds the store
-        _index(loc, before, before, task, job.chunk_pages)
+        def reindex():
+            fence(loc, job.run_id)  # even an index entry is written only while this build holds the store
+            _index(loc, before, before, task, job.chunk_pages)
+        store(reindex)
         return Receipt(start, stop, done0, failed0, skipped=True, worker=_worker_name())
 
     model = _get_model(job)
-    refs = source.refs()
+    refs = retrying(source.refs, budget, "pages", source.url or "the page list")
     if len(refs) != len(task):
         raise RuntimeError(f"page list changed: expected {len(task)} pages for [{start}, {stop}), found {len(refs)}")
 
     region = empty_region(len(task), job.max_panels, job.embedding_dim, job.embedding_dtype)
     keep = before == STATUS_DONE  # finished earlier (grown store, --retry-failed): kept byte for byte
     if keep.any():
-        _keep_done(group, region, keep, start, stop)
+        store(lambda: _keep_done(group, region, keep, start, stop))
     region["manifest_path"][:] = [r.label for r in refs]
     reasons: list[str] = []
 
@@ -305,16 +341,23 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
             reasons.append(reason)
 
     def load(ref):
+        """(page, prepared, reason, fault): ``fault`` is (Fault, location) when the read met the world."""
         try:
             page = read_page(ref, max_panels=job.max_panels, image_root=job.image_root,
                              storage_options=job.storage_options)
             prepared = model.prepare(page)
             page.image = None  # the decoded page is not needed past prepare: free it now
-            return page, prepared, None
-        except PageError as exc:
-            return None, None, str(exc)
+            return page, prepared, None, None
         except Exception as exc:  # a bad page must never fail its chunk
-            return None, None, f"{type(exc).__name__}: {exc}"
+            reason = str(exc) if isinstance(exc, PageError) else f"{type(exc).__name__}: {exc}"
+            fault = classify(exc)
+            if fault is None:
+                return None, None, reason, None
+            found = re.match(r"^cannot read (?:image|manifest) (\S+):", reason)
+            where = found.group(1) if found else (ref.path or ref.label)
+            from .inputs import parent
+
+            return None, None, reason, (fault, parent(where))
 
     def run_batch(items: list[tuple[int, object, object]]) -> None:
         with _phase(seconds, "inference"):
@@ -349,20 +392,57 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
         region["status"][rows] = STATUS_DONE
 
     pending: list[tuple[int, object, object]] = []
+    world: dict[int, tuple] = {}  # page -> (Fault, location): reads that met the world, retried below
+    missing: dict[int, str] = {}  # page -> "not found" reason: page faults, unless every page of the task is one
+    n_read = 0
+
+    def take(i: int, page, prepared, reason, fault) -> None:
+        nonlocal pending, n_read
+        if fault is not None:
+            world[i] = fault
+            return
+        world.pop(i, None)
+        if reason is not None:
+            if _NOT_FOUND.match(reason):
+                missing[i] = reason
+            else:
+                fail(i, reason)
+            return
+        n_read += 1
+        pending.append((i, page, prepared))
+        if len(pending) >= job.batch_size:
+            run_batch(pending)
+            pending = []
+
     # Dask meter "read": this block minus the "inference" metered inside it (nested meters subtract)
     with _meter("read"):
         t_read = time.perf_counter()
         todo = np.flatnonzero(~keep)
         pool = _pool(_read_threads(job))
-        for i, (page, prepared, reason) in zip(todo, pool.map(load, [refs[i] for i in todo])):
-            i = int(i)
-            if reason is not None:
-                fail(i, reason)
-                continue
-            pending.append((i, page, prepared))
-            if len(pending) >= job.batch_size:
-                run_batch(pending)
-                pending = []
+        for i, result in zip(todo, pool.map(load, [refs[i] for i in todo])):
+            take(int(i), *result)
+        while True:
+            if missing and len(missing) == len(todo):  # every page "not found": is their location still there?
+                path = _NOT_FOUND.match(next(iter(missing.values()))).group(1)
+                from .faults import Fault
+                from .inputs import parent
+
+                if _location_gone(path, job.storage_options):
+                    for i, why in missing.items():
+                        world[i] = (Fault("gone", why), parent(path))
+                    missing.clear()
+            if not world:
+                break
+            fault, where = next(iter(world.values()))
+            logger.info("pagecube: pages [%d, %d): %s; retrying", start, stop,
+                           describe("images", where, fault.kind, fault.cause))
+            if not budget.wait():
+                raise WorldStop("images", where, fault.kind, fault.cause)
+            again = sorted(world)
+            for i, result in zip(again, pool.map(load, [refs[i] for i in again])):
+                take(i, *result)
+        for i, reason in missing.items():  # pages that are missing while others of the location are there
+            fail(i, reason)
         _let_next_task_start()  # every page is read: the worker may start the next task's reads now
         if pending:
             run_batch(pending)
@@ -381,7 +461,8 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
             if bad:
                 raise RuntimeError(f"verify: pages [{start}, {stop}) read back different {', '.join(bad)}")
 
-    with _phase(seconds, "write"):
+    def write() -> Receipt | None:
+        """The region, ``status`` last, then the index entries; safe to repeat after a fault of the world."""
         fence(loc, job.run_id)  # this build still holds the store (raises LeaseLost if not)
         current = read_region(group, "status", start, stop)
         if not np.array_equal(current, before):
@@ -392,7 +473,13 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
                            "this task's duplicate write is dropped", start, stop)
             return Receipt(start, stop, done, failed, skipped=True, worker=_worker_name())
         write_region(group, region, start, stop, job.chunk_pages, before_completion=before_completion)
-    _index(loc, before, region["status"], task, job.chunk_pages)
+        _index(loc, before, region["status"], task, job.chunk_pages)
+        return None
+
+    with _phase(seconds, "write"):
+        dropped = store(write)
+    if dropped is not None:
+        return dropped
     done, failed = region_counts(region["status"])
     _log_counts(done - int(keep.sum()), failed, getattr(model, "device", ""))
     return Receipt(start, stop, done, failed, seconds=seconds, worker=_worker_name(),

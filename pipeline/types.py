@@ -73,3 +73,6 @@ class Receipt:
     worker: str = ""
     device: str = ""
     reasons: tuple[str, ...] = ()  # first few failure reasons
+    #: (where, location, kind, cause) when the task gave up on a fault of the world (``pipeline.faults``):
+    #: no ``status`` was written for its pages, and the build stops
+    stopped: tuple[str, str, str, str] | None = None

@@ -1,7 +1,10 @@
 """The typer application with every command registered, and ``main``: its exit codes and one-line errors.
 
 Exit codes: 0 all pages done; 3 the build finished but some pages failed;
-2 bad arguments; 1 any other error (one clear line on stderr).
+2 bad arguments; 75 the build stopped for a fault of the world (the store's disk full, read-only or
+refusing access, S3 or the image location unreachable, the scheduler lost: one line says which; the
+same command finishes the pages once the cause is gone); 130 interrupted; 1 any other error (one
+clear line on stderr).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def _expanded_glob(exc) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..errors import BadArgument
+    from ..errors import BadArgument, BuildStopped
 
     try:
         rc = app(args=argv, prog_name="pagecube", standalone_mode=False)
@@ -64,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except BadArgument as exc:
         print(f"pagecube: error: {exc}", file=sys.stderr)
         return 2
+    except BuildStopped as exc:  # a fault of the world, not of the pages: its own line and exit code
+        print(f"pagecube: {exc}", file=sys.stderr)
+        return exc.exit_code
     except Exception as exc:  # one clear line, not a traceback
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"pagecube: error: {msg}", file=sys.stderr)

@@ -264,6 +264,9 @@ class WriterLock:
                 _log_lease("release", self.info.run_id, t0)
             except conditional.Conflict:
                 pass  # taken over meanwhile: it is not ours to remove
+            except Exception as exc:  # noqa: BLE001 - a store turned read-only or unreachable: the rerun takes the lock over
+                logging.getLogger("pagecube.lock").info("pagecube: could not release the lock of %s: %s",
+                                                           self.loc, exc)
 
     def __enter__(self) -> "WriterLock":
         return self.acquire()

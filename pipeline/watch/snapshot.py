@@ -49,8 +49,10 @@ def clean_url(text: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def _writer(loc: StoreLocation, pending: int) -> dict:
+def _writer(loc: StoreLocation, pending: int, stopped: str = "") -> dict:
     info = read_lock(loc)
+    if stopped and (info is None or holder_is_gone(info)):  # a fault of the world stopped the last build
+        return {"state": "stopped", "text": stopped}
     if info is None:
         return {"state": "finished" if pending == 0 else "idle", "text": "no build holds the store"}
     gone = holder_is_gone(info)
@@ -140,7 +142,7 @@ def snapshot(store, storage_options: dict | None = None) -> dict:
     st = store_status(loc, entries=entries, examples=EXAMPLES_PER_REASON)
     n_chunks = -(-n_pages // chunk_pages)
     cmap, counts = chunk_map(n_chunks, entries, running_chunks(loc), chunk_pages, n_pages)
-    writer = _writer(loc, st.pending)
+    writer = _writer(loc, st.pending, st.stopped)
     building = writer["state"] == "building"
     rate = live_rate(entries, now, writer.get("started")) if building else st.pages_per_s
     model = {k: (clean_url(attrs[k]) if k in URL_KEYS else attrs[k]) for k in MODEL_KEYS if k in attrs}
