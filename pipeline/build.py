@@ -20,7 +20,7 @@ import dask
 
 from . import __version__
 from .errors import BadArgument, BuildError, BuildStopped
-from .faults import WorldStop, advice, classify
+from .faults import WorldStop, advice, bounded, classify
 from .inputs import InputError, PageSource, over_network
 from .model.protocol import info_dict as _info_of
 from .model.registry import BUILTIN, UNTRAINED_NOTICE, ModelNotFound, check_model, default_model, resolve_factory
@@ -383,17 +383,24 @@ def _stops_for_the_world(loc: StoreLocation, n_pages: int):
 
 def _stopped(loc: StoreLocation, stop: WorldStop, n_pages: int) -> BuildStopped:
     """The stop line (what, where, the pages kept, what to do), recorded in the store where it still takes it."""
-    try:
-        clear_running(loc)  # the marks of tasks that gave up: not deaths to count
-    except Exception:  # noqa: BLE001 - a store that refuses writes keeps them; the next build clears them
-        pass
-    try:
+    lines = [f"{stop}; the pages done before are kept; {advice(stop.kind)}"]
+
+    def count_and_record() -> None:
         done = sum(e.done for e in chunk_index.list_entries(loc).values())
-        kept = f"{done} of {n_pages} pages are done and kept"
-    except Exception:  # noqa: BLE001 - an unreachable store cannot be counted
-        kept = "the pages done before are kept"
-    line = f"{stop}; {kept}; {advice(stop.kind)}"
-    record_stop(loc, stop.kind, line)
+        lines.append(f"{stop}; {done} of {n_pages} pages are done and kept; {advice(stop.kind)}")
+        for step in (lambda: clear_running(loc),  # the marks of tasks that gave up: not deaths to count
+                     lambda: record_stop(loc, stop.kind, lines[-1])):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - a read-only store keeps them; status then shows the lock left
+                pass
+
+    if not (stop.where == "store" and stop.kind in ("timeout", "unreachable")):  # else nothing answers there
+        try:  # bounded: a store that does not answer must not hold the stop line back
+            bounded(count_and_record)
+        except Exception:  # noqa: BLE001 - a store that refuses reads: the line says less
+            pass
+    line = lines[-1]
     return BuildStopped(line, stop.kind)
 
 

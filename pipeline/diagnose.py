@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import NotAStore
-from .readers import require_store
+from .readers import require_store, stopped_state
 from .store import index as chunk_index
 from .store.debris import clean_debris, find_debris
 from .store.location import StoreLocation, quiet_zarr_warnings
@@ -281,6 +281,9 @@ def _diagnose(loc: StoreLocation, repair: bool) -> Report:
     info = read_lock(loc)
     report.lock_live = info is not None and holder_is_gone(info) is None
     report.notes.append(f"lock: {lock_state(loc)}")
+    stopped = stopped_state(loc)
+    if stopped:  # a fault of the world stopped the last build: the store is fine, the pages are pending
+        report.notes.append(stopped)
     report.debris = find_debris(loc, full=True)
     if report.debris:
         msg = f"{len(report.debris)} debris files (*.partial) from a killed writer, e.g. {report.debris[0]}"

@@ -36,7 +36,7 @@ KINDS = {
                "fix the permissions or credentials and run the same command"),
     "io-error": ("I/O error", "gives I/O errors", "check the disk and run the same command"),
     "unreachable": ("unreachable", "is unreachable", "run the same command once it answers again"),
-    "timeout": ("timed out", "does not answer (timed out)", "run the same command once it answers again"),
+    "timeout": ("timed out", "does not answer", "run the same command once it answers again"),
     "throttled": ("throttled", "throttles requests (SlowDown, 503)", "run the same command later"),
     "server-error": ("server error", "answers with server errors (5xx)", "run the same command later"),
     "gone": ("location gone", "is gone (the folder or bucket does not exist)",
@@ -196,3 +196,31 @@ def retrying(fn, budget: Budget, where: str, location: str):
             logger.info("pagecube: %s; retrying", describe(where, location, fault.kind, fault.cause))
             if not budget.wait():
                 raise WorldStop(where, location, fault.kind, fault.cause) from None
+
+
+#: How long the client gives each piece of bookkeeping of a stop (counting the pages kept, recording
+#: why, releasing the lock) on a store that may not answer: the stop line comes within seconds.
+STOP_STEP_S = 5.0
+
+
+def bounded(fn, seconds: float = STOP_STEP_S):
+    """``fn()`` in a daemon thread, waited for ``seconds`` at most; raises ``TimeoutError`` past that
+    (the thread is left to end by itself: the process is about to exit)."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    t = threading.Thread(target=run, name="pagecube-stop-step", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")

@@ -7,6 +7,7 @@ dead worker's tasks simply run again.
 """
 from __future__ import annotations
 
+import re
 import signal
 import sys
 
@@ -159,8 +160,9 @@ def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None,
                 if _lease_lost(exc):
                     raise LeaseLost(str(exc).splitlines()[0]) from None
                 if fut.status == "cancelled" or _cancelled(exc):  # never a page's failure
+                    why = re.search(r"cancelled for reason: ([\w-]+)", str(exc))
                     raise WorldStop("scheduler", _scheduler_address(client), "scheduler-lost",
-                                    _one_line(exc)) from None
+                                    f"the futures were cancelled: {why.group(1)}" if why else _one_line(exc)) from None
                 _stop_if_world(exc, job)
                 deaths = 0
                 if type(exc).__name__ == "KilledWorker":

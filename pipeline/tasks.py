@@ -28,11 +28,11 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from .faults import Budget, WorldStop, classify, describe, retrying
-from .inputs import SliceSpec
+from .faults import Budget, Fault, WorldStop, classify, describe, retrying
+from .inputs import SliceSpec, parent
 from .manifest import PageError, read_page
 from .store.index import ChunkEntry, write_entry
-from .store.location import StoreLocation
+from .store.location import StoreLocation, fs_options
 from .store.lock import fence
 from .store.schema import MODEL_VARS, STATUS_DONE, STATUS_FAILED, empty_region
 from .store.writer import open_store_group, read_region, region_counts, verify_region, write_region
@@ -290,16 +290,33 @@ def run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec) -> Receipt:
 _NOT_FOUND = re.compile(r"^(?:image|manifest) not found: (.+)$")
 
 
-def _location_gone(path: str, storage_options: dict) -> bool:
-    """Whether the folder holding ``path`` is gone (or cannot be asked): then a task whose every page is
-    "not found" met a fault of the world (a bucket or mount taken away), not pages that are missing."""
+def _failed_path(exc: BaseException, ref) -> str:
+    """The file whose read met the world: the image's path when ``load_image`` was reading it (from its
+    frame: errors such as botocore's name only an endpoint URL), else the manifest's."""
+    tb = exc.__traceback__
+    path = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "load_image":
+            path = tb.tb_frame.f_locals.get("path")
+        tb = tb.tb_next
+    return str(path) if path else (ref.path or ref.label)
+
+
+def _location_gone(folder: str, storage_options: dict, whole_task: bool) -> bool:
+    """Whether ``folder`` is gone (or cannot be asked): then its pages that are "not found" met a fault
+    of the world (a bucket or a mount taken away), not pages that are missing.
+
+    A URL's bucket that is gone always is; the folder itself only when every page of the task is
+    missing (a folder that some pages' typos name is not a location that went away).  A single
+    missing image in a location that is there stays a page fault.
+    """
     import fsspec
 
-    from .inputs import parent
-
     try:
-        fs, folder = fsspec.core.url_to_fs(parent(path), **(storage_options or {}))
-        return not fs.exists(folder)
+        fs, path = fsspec.core.url_to_fs(folder, **fs_options(folder, storage_options))
+        if "://" in folder and not fs.exists(path.split("/", 1)[0]):
+            return True
+        return whole_task and not fs.exists(path)
     except Exception as exc:  # noqa: BLE001 - asking failed: gone only if the asking met the world
         return classify(exc) is not None
 
@@ -353,11 +370,7 @@ def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget)
             fault = classify(exc)
             if fault is None:
                 return None, None, reason, None
-            found = re.match(r"^cannot read (?:image|manifest) (\S+):", reason)
-            where = found.group(1) if found else (ref.path or ref.label)
-            from .inputs import parent
-
-            return None, None, reason, (fault, parent(where))
+            return None, None, reason, (fault, parent(_failed_path(exc, ref)))
 
     def run_batch(items: list[tuple[int, object, object]]) -> None:
         with _phase(seconds, "inference"):
@@ -422,15 +435,15 @@ def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget)
         for i, result in zip(todo, pool.map(load, [refs[i] for i in todo])):
             take(int(i), *result)
         while True:
-            if missing and len(missing) == len(todo):  # every page "not found": is their location still there?
-                path = _NOT_FOUND.match(next(iter(missing.values()))).group(1)
-                from .faults import Fault
-                from .inputs import parent
-
-                if _location_gone(path, job.storage_options):
-                    for i, why in missing.items():
-                        world[i] = (Fault("gone", why), parent(path))
-                    missing.clear()
+            if missing:  # pages "not found": is their folder (or bucket) still there?
+                folders: dict[str, list[int]] = {}
+                for i, why in missing.items():
+                    folders.setdefault(parent(_NOT_FOUND.match(why).group(1)), []).append(i)
+                whole = n_read == 0 and len(missing) + len(world) == len(todo)
+                for folder, pages in folders.items():
+                    if _location_gone(folder, job.storage_options, whole):
+                        for i in pages:
+                            world[i] = (Fault("gone", missing.pop(i)), folder)
             if not world:
                 break
             fault, where = next(iter(world.values()))

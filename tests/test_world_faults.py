@@ -8,7 +8,10 @@ page with exit 0, keeping what was done (``written_at`` unchanged) and equal to 
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import numpy as np
 import pytest
 
 import smalldisk
-from faultkit import MODEL, PAGECUBE, ROOT, env, make_pages, read, run, wait_for
+from faultkit import MODEL, PAGECUBE, ROOT, env, index_entries, make_pages, read, run, wait_for
 
 STOPPED = 75
 VARS = ("status", "page_embeddings", "panel_embeddings", "attention_weights", "reading_order",
@@ -37,10 +40,10 @@ def _equal_to(store, clean, rows=None) -> None:
 
 
 def _one_stop_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.startswith("pagecube:") and "warning" not in ln
-             and "Dask" not in ln and "resuming" not in ln and "created store" not in ln
-             and "took over" not in ln]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    """The one line that says why the build stopped (others are notes: the store made, the dashboard)."""
+    lines = [ln for ln in err.splitlines() if ("run the same command" in ln or "error" in ln.lower())
+             and "Dask and its workers logged" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("pagecube: ") and "Traceback" not in err, err[-3000:]
     return lines[0]
 
 
@@ -64,10 +67,10 @@ def clean48(tmp_path_factory):
     return pages, clean
 
 
-def _build_on_disk(disk, pages, store, extra_env=None) -> subprocess.Popen:
-    return subprocess.Popen(disk.cmd([*PAGECUBE, "build", pages, "--out", store, *COMMON]),
+def _build_on_disk(disk, pages, store, *extra) -> subprocess.Popen:
+    return subprocess.Popen(disk.cmd([*PAGECUBE, "build", pages, "--out", store, *COMMON, *extra]),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=env({**QUICK, **(extra_env or {})}))
+                            env=env(QUICK))
 
 
 def _stop_midway(disk, proc, fault) -> tuple[str, str]:
@@ -125,15 +128,52 @@ def test_full_disk_stops_the_build_then_the_same_command_finishes(disk, clean48,
     assert not (before["status"] == 2).any(), set(before["error"])  # no page failed for the world's fault
     assert (before["status"] == 1).sum() == int(m.group(1)) >= 16
     _equal_to(tmp_path / "before.zarr", clean, before["status"] == 1)
+    # the live page and diagnose say the same of the stopped store (here its copy)
+    from pipeline.diagnose import diagnose
+    from pipeline.watch.snapshot import snapshot
+
+    snap = snapshot(tmp_path / "before.zarr")
+    assert snap["writer"]["state"] == "stopped" and snap["writer"]["text"].startswith("stopped: disk full ("), snap
+    assert snap["rate"]["eta_s"] is None
+    report = diagnose(tmp_path / "before.zarr")
+    assert report.ok and any(n.startswith("stopped: disk full") for n in report.notes), report.lines()
     _rerun_finishes(disk, pages, store, tmp_path, clean, before)
 
 
-def test_store_made_read_only_mid_build(disk, clean48, tmp_path):
+def test_a_full_disk_freed_within_the_retry_bound_is_ridden_out(disk, clean48, tmp_path):
+    """Tasks retry with backoff: a disk full for a second or two, then freed, costs no page and no stop."""
+    import time
+
     pages, clean = clean48
     store = disk.mountpoint / "c.zarr"
-    proc = _build_on_disk(disk, pages, store)
+    proc = subprocess.Popen(disk.cmd([*PAGECUBE, "build", pages, "--out", store, *COMMON]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env({**QUICK, "PAGECUBE_WORLD_RETRY_S": "60"}))
+
+    def full_for_a_while():
+        disk.fill()
+        before = disk.count("c.zarr/_pagecube/chunks")
+        time.sleep(3.0)  # the rest would take about 2 s: the build must be held by the full disk
+        held = proc.poll() is None and disk.count("c.zarr/_pagecube/chunks") <= before + 1
+        disk.free()
+        assert held, "the full disk did not hold the build"
+
+    out, err = _stop_midway(disk, proc, full_for_a_while)
+    assert proc.returncode == 0, err[-3000:]
+    after = disk.copy_out("c.zarr", tmp_path / "after.zarr")
+    assert (read(after, "status") == 1).all()
+    _equal_to(after, clean)
+
+
+def test_store_made_read_only_mid_build(disk, clean48, tmp_path):
+    """On a local Dask cluster: the task's receipt carries the stop from the worker to the client."""
+    pages, clean = clean48
+    store = disk.mountpoint / "c.zarr"
+    # the later --cluster local wins over COMMON's sync
+    proc = _build_on_disk(disk, pages, store, "--cluster", "local", "--workers", "1", "--threads-per-worker", "1")
     out, err = _stop_midway(disk, proc, lambda: disk.remount("ro"))
     assert proc.returncode == STOPPED, err[-3000:]
+    assert "Dask dashboard at" in err, err  # a cluster, not in process
     line = _one_stop_line(err)
     assert re.fullmatch(rf"pagecube: the store is read-only \(Read-only file system; store {re.escape(str(store))}\); "
                         r"\d+ of 48 pages are done and kept; make it writable and run the same command", line), line
@@ -144,3 +184,353 @@ def test_store_made_read_only_mid_build(disk, clean48, tmp_path):
 
     disk.remount("rw")
     _rerun_finishes(disk, pages, store, tmp_path, clean, before)
+
+
+# --- the classification itself ---------------------------------------------------------------------------
+def test_classify_tells_the_world_from_the_page():
+    import errno
+
+    import s3fs.errors
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    from pipeline.faults import classify
+    from pipeline.manifest import PageError
+
+    def s3(code):
+        err = ClientError({"Error": {"Code": code, "Message": code}}, "PutObject")
+        return s3fs.errors.translate_boto_error(err)
+
+    def page_error_from(cause):
+        try:
+            try:
+                raise cause
+            except OSError as exc:
+                raise PageError(f"cannot read image x.jpg: {exc}") from None
+        except PageError as exc:
+            return exc
+
+    kinds = {
+        OSError(errno.ENOSPC, "No space left on device"): "disk-full",
+        OSError(errno.EROFS, "Read-only file system"): "read-only",
+        PermissionError(errno.EACCES, "Permission denied"): "denied",
+        OSError(errno.EIO, "Input/output error"): "io-error",
+        ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"): "unreachable",
+        EndpointConnectionError(endpoint_url="http://127.0.0.1:1"): "unreachable",
+        ReadTimeoutError(endpoint_url="http://127.0.0.1:1"): "timeout",
+        s3("SlowDown"): "throttled",
+        s3("503"): "throttled",
+        s3("InternalError"): "server-error",
+        s3("ExpiredToken"): "denied",
+        s3("AccessDenied"): "denied",
+        page_error_from(ConnectionResetError(errno.ECONNRESET, "reset")): "unreachable",
+    }
+    for exc, kind in kinds.items():
+        fault = classify(exc)
+        assert fault is not None and fault.kind == kind, (exc, fault)
+    # the page's own faults, and bugs, are not the world's
+    for exc in (FileNotFoundError(errno.ENOENT, "x.jpg"), s3("NoSuchKey"), PageError("manifest is not JSON"),
+                page_error_from(FileNotFoundError(errno.ENOENT, "x.jpg")), ValueError("bad"), KeyError("x"),
+                RuntimeError("verify: pages [0, 8) read back different page_embeddings")):
+        assert classify(exc) is None, exc
+
+
+# --- S3: a real moto server, stalled, killed and started again, its image bucket taken away ---------------
+class Moto:
+    """A moto S3 server on 127.0.0.1 that a test can stall (SIGSTOP), kill and start again on its port."""
+
+    def __init__(self, tmp: Path):
+        import shutil
+        import sys
+
+        from test_s3 import ACCESS_KEY, SECRET_KEY, _clean_env, _free_port
+
+        self.exe = shutil.which("moto_server", path=os.pathsep.join([str(Path(sys.executable).parent),
+                                                                    os.environ.get("PATH", "")]))
+        if self.exe is None:
+            pytest.skip("moto_server not installed (pip install 'moto[server]', part of pagecube[test])")
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {**_clean_env(tmp), "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                    "AWS_ENDPOINT_URL": self.endpoint}
+        self.options = {"key": ACCESS_KEY, "secret": SECRET_KEY, "endpoint_url": self.endpoint}
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        import socket
+        import time
+
+        self.proc = subprocess.Popen([self.exe, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start")
+                time.sleep(0.1)
+
+    @property
+    def fs(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.options, use_listings_cache=False, skip_instance_cache=True)
+
+    def signal(self, sig) -> None:
+        os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def reset(self) -> None:
+        """Every bucket gone at once (moto's reset API): an image bucket taken away."""
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST"),
+                               timeout=10).read()
+
+
+@pytest.fixture
+def moto(tmp_path):
+    server = Moto(tmp_path)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def _s3_pages(moto, pages: Path, bucket: str, absolute_images: bool = False) -> None:
+    """The sample of ``pages`` into ``bucket`` (manifests, images, pages.txt); with ``absolute_images``
+    the local manifests name their images as s3:// URLs instead (the pages stay local)."""
+    import json
+
+    fs = moto.fs
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    folder = pages.parent
+    fs.put(str(folder / "images") + "/", f"{bucket}/images/", recursive=True)
+    if absolute_images:
+        for m in sorted((folder / "manifests").glob("*.json")):
+            data = json.loads(m.read_text())
+            data["page_image_path"] = f"s3://{bucket}/images/{Path(data['page_image_path']).name}"
+            m.write_text(json.dumps(data))
+        return
+    fs.put(str(folder / "manifests") + "/", f"{bucket}/manifests/", recursive=True)
+    fs.put(str(pages), f"{bucket}/pages.txt")
+
+
+def _s3_build(moto, pages: str, store: str, *extra, timeout_s: float = 0.5) -> list[str]:
+    # short S3 timeouts: a stalled server is noticed in seconds (the defaults take minutes)
+    options = {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                 "retries": {"max_attempts": 1}}}
+    return [*PAGECUBE, "build", pages, "--out", store, *COMMON, "--storage-options", json.dumps(options), *extra]
+
+
+def _popen(cmd, moto) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env({**moto.env, **QUICK}))
+
+
+def _finish(proc, timeout=120) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_s3_store_stalled_stops_then_resumes(moto, clean48, tmp_path, monkeypatch):
+    """The store's S3 server stops answering (SIGSTOP) for longer than the tasks retry: the build stops,
+    naming the store; once it answers again the same command finishes every page."""
+    pages, clean = clean48
+    store = "s3://cubes/stalled.zarr"
+    moto.fs.mkdir("cubes")
+    cmd = _s3_build(moto, pages, store)
+    proc = _popen(cmd, moto)
+    paused = False
+    try:
+        wait_for(lambda: len(moto.fs.ls("cubes/stalled.zarr/_pagecube/chunks")) >= 2
+                 if moto.fs.exists("cubes/stalled.zarr/_pagecube/chunks") else False, 90, "two chunks", proc, 0.2)
+        moto.signal(signal.SIGSTOP)
+        paused = True
+        out, err = _finish(proc)
+    finally:
+        if paused:
+            moto.signal(signal.SIGCONT)
+    assert proc.returncode == STOPPED, err[-3000:]
+    line = _one_stop_line(err)
+    assert re.fullmatch(r"pagecube: the store does not answer \(.+; store s3://cubes/stalled\.zarr\); "
+                        r"(\d+ of 48 pages are done and kept|the pages done before are kept); "
+                        r"run the same command once it answers again", line), line
+    status_before, written_before = _s3_arrays(moto, "cubes/stalled.zarr", "status", "written_at")
+    assert not (status_before == 2).any()
+    assert 16 <= (status_before == 1).sum() < 48
+
+    again = _rerun_in_process(cmd, moto, monkeypatch)
+    assert again.returncode == 0, again.stderr[-3000:]
+    status, written = _s3_arrays(moto, "cubes/stalled.zarr", "status", "written_at")
+    assert (status == 1).all()
+    done = status_before == 1
+    assert np.array_equal(written[done], written_before[done]), "pages done before the stall were redone"
+
+
+def _rerun_in_process(cmd: list[str], moto, monkeypatch) -> subprocess.CompletedProcess:
+    """The same command again, in this process (no interpreter start), with the build's AWS environment."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in moto.env.items():
+        if key.startswith("AWS_"):
+            monkeypatch.setenv(key, value)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec keys instances by arguments, not by the environment
+    try:
+        code, out, err = run(*cmd[len(PAGECUBE):])
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    return subprocess.CompletedProcess(cmd, code, out, err)
+
+
+def _s3_arrays(moto, root: str, *names):
+    import zarr
+
+    g = zarr.open_group(f"s3://{root}", mode="r",
+                        storage_options=moto.options, use_consolidated=False)
+    return [g[n][:] for n in names]
+
+
+def test_s3_pages_refusing_connections_then_back(moto, clean48, tmp_path, monkeypatch):
+    """The S3 server that holds the pages is killed mid-build (connections refused): the build stops,
+    naming that location; started again on the same port with the pages, the same command finishes."""
+    pages, clean = clean48
+    _s3_pages(moto, pages, "pages")
+    store = tmp_path / "r.zarr"
+    cmd = _s3_build(moto, "s3://pages/pages.txt", str(store))
+    proc = _popen(cmd, moto)
+    try:
+        wait_for(lambda: len(index_entries(store)) >= 2 if (store / "_pagecube" / "chunks").exists() else False,
+                 90, "two chunks", proc)
+        moto.kill()
+        out, err = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == STOPPED, err[-3000:]
+    line = _one_stop_line(err)
+    assert re.fullmatch(r"pagecube: the (page list|image location) s3://pages\S* is unreachable \(.+\); "
+                        r"\d+ of 48 pages are done and kept; run the same command once it answers again", line), line
+    status_before, written_before = read(store, "status", "written_at")
+    assert not (status_before == 2).any()
+    assert 16 <= (status_before == 1).sum() < 48
+
+    moto.start()  # the same port, an empty server: the pages are put back
+    _s3_pages(moto, pages, "pages")
+    again = _rerun_in_process(cmd, moto, monkeypatch)
+    assert again.returncode == 0, again.stderr[-3000:]
+    status, written = read(store, "status", "written_at")
+    assert (status == 1).all()
+    done = status_before == 1
+    assert np.array_equal(written[done], written_before[done])
+
+
+def test_image_bucket_taken_away_and_restored(moto, tmp_path, monkeypatch):
+    """Local manifests whose images are in a bucket; the bucket goes away mid-build: no page fails, the
+    build stops naming the image location; restored, the same command finishes.  One image missing from
+    a bucket that is there is still a page fault."""
+    pages = make_pages(tmp_path / "s", 48, seed=33)
+    _s3_pages(moto, pages, "imgs", absolute_images=True)
+    moto.fs.rm("imgs/images/page_00003.jpg")  # one image 404: a page fault, as ever
+    store = tmp_path / "b.zarr"
+    cmd = _s3_build(moto, str(pages), str(store))
+    proc = _popen(cmd, moto)
+    try:
+        wait_for(lambda: len(index_entries(store)) >= 2 if (store / "_pagecube" / "chunks").exists() else False,
+                 90, "two chunks", proc)
+        moto.reset()
+        out, err = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == STOPPED, err[-3000:]
+    line = _one_stop_line(err)
+    assert re.fullmatch(r"pagecube: the image location s3://imgs/images is gone \(the folder or bucket does not "
+                        r"exist\) \(image not found: s3://imgs/images/page_\d+\.jpg\); \d+ of 48 pages are done "
+                        r"and kept; restore it and run the same command", line), line
+    status_before, written_before, error = read(store, "status", "written_at", "error")
+    assert np.flatnonzero(status_before == 2).tolist() == [3], set(error)
+    assert error[3] == "image not found: s3://imgs/images/page_00003.jpg"
+
+    _s3_pages(moto, pages, "imgs", absolute_images=True)  # restored (page 3's image stays missing)
+    moto.fs.rm("imgs/images/page_00003.jpg")
+    again = _rerun_in_process(cmd, moto, monkeypatch)
+    assert again.returncode == 3, again.stderr[-3000:]
+    status, written = read(store, "status", "written_at")
+    assert np.flatnonzero(status != 1).tolist() == [3]
+    done = status_before == 1
+    assert np.array_equal(written[done], written_before[done])
+
+
+# --- the scheduler lost --------------------------------------------------------------------------------
+def test_scheduler_lost_stops_with_one_line_then_a_new_one_finishes(clean48, tmp_path):
+    """The build's `dask scheduler` is SIGKILLed mid-build: the futures Dask cancels are never failed
+    pages; the build stops within seconds naming the scheduler, and with a new scheduler the same
+    command (its new address) finishes every page, keeping what was done."""
+    import time
+
+    from test_remote import DaskProcs, _env as dask_env
+
+    pages, clean = clean48
+    store = tmp_path / "sched.zarr"
+    args = ["--chunk-pages", "8", "--batch-size", "4", "--model", MODEL, "--no-progress"]
+    slow = {**dask_env(), "FAULTKIT_DELAY": "0.15"}
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+    first = DaskProcs(tmp_path / "first")
+    try:
+        first.add_worker("worker", slow)
+        proc = subprocess.Popen([*PAGECUBE, "build", str(pages), "--out", str(store), "--cluster", first.address,
+                                 *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                env=env())
+        try:
+            wait_for(lambda: len(index_entries(store)) >= 2 if (store / "_pagecube" / "chunks").exists() else False,
+                     120, "two chunks", proc)
+            os.killpg(first.procs[0].pid, signal.SIGKILL)  # the scheduler
+            t0 = time.monotonic()
+            out, err = proc.communicate(timeout=90)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    finally:
+        first.stop()
+    assert proc.returncode == STOPPED, err[-3000:]
+    line = _one_stop_line(err)
+    assert re.fullmatch(rf"pagecube: the Dask scheduler {re.escape(first.address)} was lost \(the futures were cancelled: "
+                        r"scheduler-connection-lost\); \d+ of 48 pages "
+                        r"are done and kept; start a scheduler and workers, and run the same command", line), line
+    assert took < 30, f"the stop took {took:.0f} s"
+    status_before, written_before, error = read(store, "status", "written_at", "error")
+    assert not (status_before == 2).any(), set(error)
+    assert 16 <= (status_before == 1).sum() < 48
+    code, state, _ = run("status", store)
+    assert "stopped: scheduler lost" in state and "ETA" not in state, state
+
+    second = DaskProcs(tmp_path / "second")
+    try:
+        second.add_worker("worker")
+        code, _, err = run("build", pages, "--out", store, "--cluster", second.address, *args)
+    finally:
+        second.stop()
+    assert code == 0, err
+    status, written = read(store, "status", "written_at")
+    assert (status == 1).all()
+    done = status_before == 1
+    assert np.array_equal(written[done], written_before[done])
+    _equal_to(store, clean)

@@ -258,9 +258,11 @@ class WriterLock:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self.lost is None and self._tag is not None:
-            try:
+            from ..faults import bounded
+
+            try:  # bounded: a store that stopped answering must not hold the build's exit back
                 t0 = time.monotonic()
-                conditional.delete(self.loc, self.path, self._tag)
+                bounded(lambda: conditional.delete(self.loc, self.path, self._tag))
                 _log_lease("release", self.info.run_id, t0)
             except conditional.Conflict:
                 pass  # taken over meanwhile: it is not ours to remove
@@ -304,7 +306,7 @@ def running_mark(loc: StoreLocation, chunk: int):
         if loc.is_local:
             fs.makedirs(loc.meta_path(RUNNING_DIR), exist_ok=True)
         fs.pipe_file(path, b"")
-    except OSError:
+    except Exception:  # noqa: BLE001 - a full disk or an unreachable store: the task's own steps meet it
         path = None
     try:
         yield
