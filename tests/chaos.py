@@ -628,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=24)
     ap.add_argument("--schedule", type=int, action="append", help="run only this schedule (repeatable)")
     ap.add_argument("--schedules", type=int, default=50, help="run schedules 0..N-1")
-    ap.add_argument("--pages", type=int, default=None, help="pages in the page set (320; 160 with --ci)")
+    ap.add_argument("--pages", type=int, default=None, help="pages in the page set (240; 160 with --ci)")
     ap.add_argument("--ci", action="store_true", help="faults of a few seconds, 160 pages")
     ap.add_argument("--list", action="store_true", help="print the schedules and exit")
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = ["unshare", "--mount", "--propagation", "private", sys.executable, "-m", "tests.chaos",
                *(argv if argv is not None else sys.argv[1:])]
         return subprocess.call(cmd, env=env, cwd=TESTS.parent)
-    n_pages = a.pages or (160 if a.ci else 320)
+    n_pages = a.pages or (160 if a.ci else 240)
     results: list[Result] = []
     import tempfile
 
