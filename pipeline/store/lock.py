@@ -34,6 +34,10 @@ LEASE_ENV = "PAGECUBE_LOCK_LEASE_S"
 DEFAULT_LEASE_S = 300.0
 LEGACY_LEASE_S = 600.0  # locks written before leases were recorded: their holders renewed every 30 s
 HEARTBEAT_S = 30.0
+#: A file that every take, renewal, loss and release of a lease is appended to (one JSON line with
+#: the run id and the monotonic and wall times around the write): the fault campaign reads it to
+#: prove that no two runs ever held the lease at once.  Unset: nothing is written.
+LEASE_LOG_ENV = "PAGECUBE_LEASE_LOG"
 
 
 class StoreLocked(RuntimeError):
@@ -162,6 +166,15 @@ def fence(loc: StoreLocation, run_id: str) -> None:
         raise LeaseLost(msg)
 
 
+def _log_lease(event: str, run_id: str, t0: float) -> None:
+    path = os.environ.get(LEASE_LOG_ENV)
+    if path:
+        line = json.dumps({"event": event, "run": run_id, "t0": t0, "t1": time.monotonic(), "wall": time.time(),
+                           "host": socket.gethostname(), "pid": os.getpid()})
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+
+
 class WriterLock:
     """Context manager: acquire the lease, renew it, release it.
 
@@ -194,6 +207,7 @@ class WriterLock:
     def acquire(self) -> "WriterLock":
         forced: str | None = None  # --take-over-lock applies to the holder seen first, not to a racer
         for attempt in range(5):
+            t0 = time.monotonic()
             seen = _read(self.loc)
             self.info.heartbeat = time.time()
             try:
@@ -215,6 +229,7 @@ class WriterLock:
                 mine = read_lock(self.loc)
                 if mine is None or mine.run_id != self.info.run_id:
                     raise StoreLocked(f"store {self.loc} was locked by another build at the same moment")
+            _log_lease("take", self.info.run_id, t0)
             self._thread = threading.Thread(target=self._beat, name="pagecube-lock-heartbeat", daemon=True)
             self._thread.start()
             return self
@@ -223,14 +238,17 @@ class WriterLock:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             self.info.heartbeat = time.time()
+            t0 = time.monotonic()
             try:
                 self._tag = conditional.replace(self.loc, self.path, self._data(), self._tag)
+                _log_lease("renew", self.info.run_id, t0)
             except conditional.Conflict:
                 seen = _read(self.loc)
                 if seen is not None and seen[0].run_id == self.info.run_id:
                     self._tag = seen[1]  # our own lock under another tag (a store without compare-and-swap)
                     continue
                 self.lost = seen[0].describe() if seen is not None else "nobody (the lock was removed)"
+                _log_lease("lost", self.info.run_id, t0)
                 return  # taken over: stop touching it
             except Exception:  # noqa: BLE001 - a network hiccup: try again at the next beat
                 pass
@@ -243,7 +261,9 @@ class WriterLock:
             from ..faults import bounded
 
             try:  # bounded: a store that stopped answering must not hold the build's exit back
+                t0 = time.monotonic()
                 bounded(lambda: conditional.delete(self.loc, self.path, self._tag))
+                _log_lease("release", self.info.run_id, t0)
             except conditional.Conflict:
                 pass  # taken over meanwhile: it is not ours to remove
             except Exception as exc:  # noqa: BLE001 - a store turned read-only or unreachable: the rerun takes the lock over
