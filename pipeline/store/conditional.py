@@ -62,9 +62,15 @@ def _guard(path: str):
 
 
 def _write_temp(path: str, data: bytes) -> str:
+    """A finished temp file beside ``path``; none is left behind when it cannot be written (a full disk)."""
     tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return tmp
 
 
@@ -124,7 +130,13 @@ def replace(loc: StoreLocation, path: str, data: bytes, tag: str) -> str:
                 raise Conflict(f"{path} is gone") from None
             if current != tag:
                 raise Conflict(f"{path} changed")
-            os.replace(_write_temp(path, data), path)
+            tmp = _write_temp(path, data)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         return _digest(data)
     fs = loc.fs
     if kind == "s3" and supports_conditional_writes(loc):
