@@ -135,7 +135,8 @@ def test_full_disk_stops_the_build_then_the_same_command_finishes(disk, clean48,
     from pipeline.watch.snapshot import snapshot
 
     snap = snapshot(tmp_path / "before.zarr")
-    assert snap["writer"]["state"] == "stopped" and snap["writer"]["text"].startswith("stopped: disk full ("), snap
+    # the record's name carries the kind; its body (the cause) only where the full disk still took it
+    assert snap["writer"]["state"] == "stopped" and snap["writer"]["text"].startswith("stopped: disk full"), snap
     assert snap["rate"]["eta_s"] is None
     report = diagnose(tmp_path / "before.zarr")
     assert report.ok and any(n.startswith("stopped: disk full") for n in report.notes), report.lines()
