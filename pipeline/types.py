@@ -59,6 +59,13 @@ class JobSpec:
     worker_cores: int | None = None  # a local worker's share of this machine's cores; None: the worker's own
     pages_over_network: bool = False  # the page list or image root is a URL: readers wait on the network
 
+    @property
+    def store(self):
+        """The job's ``Store`` (``pipeline.store.Store``), opened on the worker that runs the task."""
+        from .store import Store
+
+        return Store.open(self.store_url, self.storage_options)
+
 
 @dataclass(frozen=True)
 class Receipt:
