@@ -14,7 +14,7 @@ _LAZY = {
     "ResidentMissing": ".resident", "ResidentPlugin": ".resident", "get_resident": ".resident",
     "install_resident": ".resident", "resident_map": ".resident", "resident_status": ".resident",
     "kubernetes_cluster_spec": ".specs", "slurm_job_script": ".specs",
-    "ClusterError": ".targets", "ClusterHandle": ".targets", "open_cluster": ".targets",
+    "ClusterError": ".errors", "ClusterHandle": ".targets", "open_cluster": ".targets",
     "make_security": ".tls",
 }
 

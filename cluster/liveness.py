@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .targets import ClusterError
+from .errors import ClusterError
 
 __all__ = ["NO_WORKERS_TIMEOUT", "NoWorkers", "WorkerWatch", "no_workers_timeout"]
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from collections import Counter
 
+from .errors import ClusterError
+
 __all__ = [
     "DEFAULT_PACKAGES",
     "check_workers",
@@ -48,8 +50,6 @@ def check_workers(
     resource (e.g. ``{"GPU": 1}``) is offered by no worker. ``client=None``
     (the sync target) passes with an empty dict.
     """
-    from .targets import ClusterError
-
     if client is None:
         return {}
     where = where or getattr(client.scheduler, "address", None) or "the scheduler"

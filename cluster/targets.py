@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import dask
 
+from .errors import ClusterError
 from .specs import OWN_KEYS as OWN_SPEC_KEYS  # noqa: I001
 from .specs import JOBQUEUE_KINDS, KUBE_SPEC_KEYS, jobqueue_kwargs, kubernetes_cluster_spec, load_spec
 from .timers import LOCAL_CLUSTER_SYNC_S, local_timers, slow_heartbeats
@@ -39,10 +40,6 @@ NO_MALLOC_TRIM = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 
 #: workers themselves (and close when they cannot): never close them.
 KEEP_LOCAL_NANNIES = {"distributed.deploy.lost-worker-timeout": "3650 days"}
 DEVICES = ("cpu", "cuda", "auto")
-
-
-class ClusterError(RuntimeError):
-    """A cluster could not be reached or does not offer what was asked; one clear line."""
 
 
 @dataclass
