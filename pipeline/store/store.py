@@ -79,6 +79,21 @@ class Store:
         """Whether pagecube's ``_pagecube/`` folder is there (even where the root metadata is not)."""
         return self.fs.exists(self.location.meta_path())
 
+    def require(self, damaged_ok: bool = False) -> None:
+        """Raise ``NotAStore`` with one line unless a store is here, rather than zarr's 'No group found'
+        (``damaged_ok``: or the bookkeeping of one whose root metadata is gone, for diagnose to look at)."""
+        from ..errors import NotAStore
+
+        if self.exists():
+            return
+        if self.has_bookkeeping():
+            if damaged_ok:
+                return
+            raise NotAStore(f"{self} is a damaged pagecube store (its root zarr.json is missing): "
+                            f"see `pagecube diagnose {self}`")
+        where = "" if self.fs.exists(self.root) else " (nothing is there)"
+        raise NotAStore(f"{self} is not a pagecube store{where}")
+
     def config(self) -> "tuple[template.StoreConfig, dict]":
         """The settings it was made with, and its root attributes."""
         from . import template
@@ -114,12 +129,14 @@ class Store:
         with quiet_zarr_warnings():
             return xr.open_zarr(self.zarr_store, consolidated=True)
 
-    def group(self, mode: str = "r"):
-        """The Zarr group, opened afresh (a reader's look; a task writes through ``writer``)."""
+    def group(self, mode: str = "r", consolidated: bool = True):
+        """The Zarr group, opened afresh (a reader's look; a task writes through ``writer``).
+
+        ``consolidated=False`` reads each array's own metadata (diagnose compares both views)."""
         import zarr
 
         with quiet_zarr_warnings():
-            return zarr.open_group(self.zarr_store, mode=mode, use_consolidated=True)
+            return zarr.open_group(self.zarr_store, mode=mode, use_consolidated=consolidated)
 
     # --- the finished-chunk index -------------------------------------------------------------
     def chunks(self, with_times: bool = False) -> "dict[int, index.ChunkEntry]":
@@ -145,6 +162,11 @@ class Store:
     def holder(self) -> "lock.LockInfo | None":
         """Who holds the lock now, if anyone."""
         return lock.read_lock(self.location)
+
+    def live_holder(self) -> "lock.LockInfo | None":
+        """Who holds the lock while that build lives; None when nobody does, or the holder is gone."""
+        info = lock.read_lock(self.location)
+        return info if info is not None and lock.holder_is_gone(info) is None else None
 
     def lock_state(self) -> str:
         return lock.lock_state(self.location)
