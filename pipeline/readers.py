@@ -16,6 +16,7 @@ import numpy as np
 import zarr
 
 from .errors import NotAStore
+from .lookup import find_page
 from .store import index as chunk_index
 from .store.location import StoreLocation, quiet_zarr_warnings
 from .store.lock import holder_is_gone, lock_state, read_lock
@@ -259,17 +260,6 @@ def _read_chunks(array, chunks: list[int], chunk_pages: int, n_pages: int) -> np
     return np.asarray(array.get_orthogonal_selection(idx))
 
 
-def page_position(page: str, n_pages: int, error: type[Exception] = ValueError) -> int | None:
-    """``@N`` names a page by its position (pending pages have no id yet); None when ``page`` is an id."""
-    m = re.fullmatch(r"@(\d+)", page.strip())
-    if not m:
-        return None
-    i = int(m.group(1))
-    if i >= n_pages:
-        raise error(f"page @{i} is out of range: the store has {n_pages} pages (@0 .. @{n_pages - 1})")
-    return i
-
-
 def page_summaries(store, *, max_pages: int = 5, text_len: int = 80, compact: bool = False,
                    page_id: str | None = None, storage_options: dict | None = None) -> list[str]:
     """The seed's page summaries: id, series, panels, embedding norm, panel text."""
@@ -277,9 +267,7 @@ def page_summaries(store, *, max_pages: int = 5, text_len: int = 80, compact: bo
     _require_pagecube(store, ds)
     status = ds["status"].values
     if page_id is not None:
-        from .similar import find_page  # streams page_id chunk by chunk; also takes @N
-
-        pages = [find_page(store, page_id, storage_options=storage_options)]
+        pages = [find_page(store, page_id, storage_options=storage_options)]  # streams page_id; also takes @N
     else:
         pages = np.flatnonzero(status == STATUS_DONE)[:max_pages]
     out = [f"{int((status == STATUS_DONE).sum())} of {len(status)} pages done"]

@@ -34,7 +34,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .inputs import PageRef, PageSource, join_path, parent
 from .manifest import PageError, build_page, load_image, parse_manifest, read_manifest_bytes
-from .readers import open_store, page_position
+from .lookup import page_position
+from .readers import open_store
 from .store.schema import STATUS_DONE, STATUS_FAILED
 
 PENDING_GREY = (150, 150, 150)

@@ -26,21 +26,10 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import zarr
 
-from .readers import page_position
-from .store.location import StoreLocation, quiet_zarr_warnings
+from .lookup import BLOCK_BYTES, NotAStore, SimilarError, blocks, find_page, open_group, pages_per_block
 from .store.schema import STATUS_DONE, STATUS_FAILED
 
-#: Default cap on the embeddings held at once (per block), in bytes.
-BLOCK_BYTES = 64 * 2**20
 SNIPPET_LEN = 60
-
-
-class SimilarError(ValueError):
-    """A query that cannot be answered: unknown page, page not done, wrong vector, mismatched model."""
-
-
-class NotAStore(SimilarError):
-    """The path or URL holds no readable pagecube store."""
 
 
 class SimilarPage(NamedTuple):
@@ -59,35 +48,7 @@ class PageInfo:
     snippet: str
 
 
-# --------------------------------------------------------------------------- store access
-
-def _open(store, storage_options: dict | None) -> tuple[StoreLocation, zarr.Group]:
-    loc = StoreLocation.of(store, storage_options)
-    try:
-        with quiet_zarr_warnings():
-            group = zarr.open_group(loc.zarr_store, mode="r", use_consolidated=True)
-    except Exception as exc:  # missing folder, not a zarr group, unreadable metadata
-        raise NotAStore(f"{loc} is not a readable pagecube store ({type(exc).__name__})") from None
-    missing = [n for n in ("page_embeddings", "status", "page_id") if n not in group]
-    if missing or "chunk_pages" not in group.attrs:
-        raise NotAStore(f"{loc} is not a pagecube store (no {', '.join(missing) or 'chunk_pages attribute'})")
-    return loc, group
-
-
-def _block_pages(group: zarr.Group, block_pages: int | None, block_bytes: int) -> int:
-    """Pages per block: a whole number of page chunks (at least one)."""
-    chunk = int(group["status"].chunks[0]) or 1
-    if block_pages is None:
-        emb = group["page_embeddings"]
-        row = max(1, int(np.prod(emb.shape[1:])) * emb.dtype.itemsize)
-        block_pages = max(1, int(block_bytes) // row)
-    return max(1, int(block_pages) // chunk) * chunk
-
-
-def _blocks(n: int, size: int) -> Iterator[tuple[int, int]]:
-    for start in range(0, n, size):
-        yield start, min(n, start + size)
-
+# --------------------------------------------------------------------------- streaming the store
 
 def iter_done_embeddings(store, *, storage_options: dict | None = None, block_pages: int | None = None,
                          block_bytes: int = BLOCK_BYTES, _group: zarr.Group | None = None
@@ -97,10 +58,10 @@ def iter_done_embeddings(store, *, storage_options: dict | None = None, block_pa
     A block is ``block_pages`` pages rounded down to whole page chunks (default: as many
     as fit in ``block_bytes`` of embeddings).  Blocks without done pages read only ``status``.
     """
-    group = _group if _group is not None else _open(store, storage_options)[1]
+    group = _group if _group is not None else open_group(store, storage_options)[1]
     status, emb = group["status"], group["page_embeddings"]
-    size = _block_pages(group, block_pages, block_bytes)
-    for start, stop in _blocks(int(status.shape[0]), size):
+    size = pages_per_block(group, block_pages, block_bytes)
+    for start, stop in blocks(int(status.shape[0]), size):
         done = np.flatnonzero(np.asarray(status[start:stop]) == STATUS_DONE)
         if done.size == 0:
             continue
@@ -108,30 +69,12 @@ def iter_done_embeddings(store, *, storage_options: dict | None = None, block_pa
         yield done.astype(np.int64) + start, vecs
 
 
-# --------------------------------------------------------------------------- finding the query page
-
-def find_page(store, page_id: str, *, storage_options: dict | None = None, block_pages: int | None = None,
-              _group: zarr.Group | None = None) -> int:
-    """Position of ``page_id`` (or ``@N``), read ``page_id`` block by block; the first match wins."""
-    group = _group if _group is not None else _open(store, storage_options)[1]
-    ids = group["page_id"]
-    n = int(ids.shape[0])
-    i = page_position(page_id, n, SimilarError)
-    if i is not None:
-        return i
-    size = _block_pages(group, block_pages, BLOCK_BYTES)
-    for start, stop in _blocks(n, size):
-        hits = np.flatnonzero(np.asarray(ids[start:stop]) == page_id)
-        if hits.size:
-            return int(hits[0]) + start
-    raise SimilarError(f"page id {page_id!r} is not among the {n} pages written to the store so far "
-                       f"(a page's id is stored when its chunk is written)")
-
+# --------------------------------------------------------------------------- the query page
 
 def page_vector(store, page: int, *, storage_options: dict | None = None, _group: zarr.Group | None = None
                 ) -> np.ndarray:
     """The embedding of page ``page``; refused unless it is done."""
-    group = _group if _group is not None else _open(store, storage_options)[1]
+    group = _group if _group is not None else open_group(store, storage_options)[1]
     state = int(group["status"][page])
     if state != STATUS_DONE:
         what = "failed" if state == STATUS_FAILED else "not done yet (pending)"
@@ -216,7 +159,7 @@ def _search(store, vector, *, k, exclude, storage_options, block_pages, block_by
     if int(k) < 1:
         raise SimilarError(f"k must be >= 1, got {k}")
     k = int(k)
-    group = _group if _group is not None else _open(store, storage_options)[1]
+    group = _group if _group is not None else open_group(store, storage_options)[1]
     q = _unit_query(vector, int(group["page_embeddings"].shape[1]))
     texts = group["text_content"] if words and "text_content" in group else None
     best_s = np.zeros(0, dtype=np.float64)
@@ -260,7 +203,7 @@ def similar_pages(store, page_id: str | None = None, *, vector=None, k: int = 10
     """
     if (page_id is None) == (vector is None):
         raise SimilarError("give either a page id or a query vector")
-    _, group = _open(store, storage_options)
+    _, group = open_group(store, storage_options)
     exclude = None
     if page_id is not None:
         page = find_page(store, page_id, block_pages=block_pages, _group=group)
@@ -278,7 +221,7 @@ def similar_pages(store, page_id: str | None = None, *, vector=None, k: int = 10
 def describe_pages(store, indices, *, storage_options: dict | None = None, snippet_len: int = SNIPPET_LEN,
                    _group: zarr.Group | None = None) -> list[PageInfo]:
     """Id, series and first panel text (in reading order) of a few pages."""
-    group = _group if _group is not None else _open(store, storage_options)[1]
+    group = _group if _group is not None else open_group(store, storage_options)[1]
     idx = np.asarray(list(indices), dtype=np.int64)
     ids = _read_rows(group["page_id"], idx)
     series = _read_rows(group["series"], idx) if "series" in group else [""] * len(idx)
@@ -314,16 +257,16 @@ def embed_text_query(store, text: str, *, model: str | None = None, model_option
 
     if not text or not text.strip():
         raise SimilarError("the query text is empty")
-    loc, group = _open(store, storage_options)
+    store, group = open_group(store, storage_options)
     attrs = dict(group.attrs)
     built_with = str(attrs.get("model", ""))
     name = model or built_with
     if not name:
-        raise SimilarError(f"{loc} does not say which model built it; pass --model")
+        raise SimilarError(f"{store} does not say which model built it; pass --model")
     from .model.registry import BUILTIN
 
     if name in BUILTIN and built_with in BUILTIN and name != built_with:  # refuse before loading weights
-        raise SimilarError(f"store {loc} was built with model {built_with!r}, not {name!r}: a text query is "
+        raise SimilarError(f"store {store} was built with model {built_with!r}, not {name!r}: a text query is "
                            f"only meaningful in the embedding space of the model that built the store")
     try:
         m = load_model(name, max_panels=int(attrs.get("max_panels", 12)),
@@ -335,7 +278,7 @@ def embed_text_query(store, text: str, *, model: str | None = None, model_option
     digest = str(attrs.get("weights_digest", ""))
     if info.name != built_with or info.weights_digest != digest:
         raise SimilarError(
-            f"store {loc} was built with model {built_with!r} (weights {digest[:12] or '?'}), not with "
+            f"store {store} was built with model {built_with!r} (weights {digest[:12] or '?'}), not with "
             f"{info.name!r} (weights {info.weights_digest[:12]}): a text query is only meaningful in the "
             f"embedding space of the model (same seed and options) that built the store")
     embed = getattr(m, "embed_texts", None)
