@@ -28,11 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import NotAStore
-from .readers import require_store, stopped_state
-from .store import index as chunk_index
-from .store.debris import clean_debris, find_debris
-from .store.location import StoreLocation, quiet_zarr_warnings
-from .store.lock import WriterLock, holder_is_gone, lock_state, read_lock
+from .readers import stopped_state
+from .store import Store
+from .store.location import quiet_zarr_warnings
 from .store.schema import NAT_INT, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, VARIABLES, dim_sizes
 
 #: Variables that always hold a non-fill value for a done page, so their chunk file must exist.
@@ -93,12 +91,9 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".strip()
 
 
-def _open(loc: StoreLocation, consolidated: bool, report: Report):
-    import zarr
-
+def _open(store: Store, consolidated: bool, report: Report):
     try:
-        with quiet_zarr_warnings():
-            return zarr.open_group(loc.zarr_store, mode="r", use_consolidated=consolidated)
+        return store.group(consolidated=consolidated)
     except Exception as exc:
         kind = "consolidated" if consolidated else "unconsolidated"
         report.fault(f"{kind} metadata does not open: {_one_line(exc)}")
@@ -143,12 +138,12 @@ def _check_shapes(plain, attrs: dict, n: int, report: Report) -> bool:
     return good
 
 
-def _chunk_file(loc: StoreLocation, arr, name: str, chunk: int) -> str:
+def _chunk_file(store: Store, arr, name: str, chunk: int) -> str:
     key = arr.metadata.encode_chunk_key((chunk,) + (0,) * (arr.ndim - 1))
-    return os.path.join(loc.url, name, *key.split("/"))
+    return os.path.join(store.url, name, *key.split("/"))
 
 
-def _check_chunk(loc, plain, ds, c: int, start: int, stop: int, P: int, entries: dict, report: Report) -> None:
+def _check_chunk(store: Store, plain, ds, c: int, start: int, stop: int, P: int, entries: dict, report: Report) -> None:
     n = stop - start
     data: dict[str, np.ndarray | None] = {}
     for name in VARIABLES:
@@ -169,9 +164,9 @@ def _check_chunk(loc, plain, ds, c: int, start: int, stop: int, P: int, entries:
     for name, arr in data.items():
         if arr is None:
             bad |= done  # garbled chunk: every done page of it is suspect
-    if done.any() and loc.is_local:
+    if done.any() and store.is_local:
         for name in MUST_EXIST:
-            if not os.path.exists(_chunk_file(loc, plain[name], name, c)):
+            if not os.path.exists(_chunk_file(store, plain[name], name, c)):
                 report.fault(f"{name}: chunk {c} file is missing but {int(done.sum())} of its pages are done")
                 bad |= done
 
@@ -229,26 +224,26 @@ def _check_chunk(loc, plain, ds, c: int, start: int, stop: int, P: int, entries:
 
 def diagnose(store, repair: bool = False, storage_options: dict | None = None) -> Report:
     """Check ``store``; with ``repair`` fix what can be fixed (see the module docstring)."""
-    loc = StoreLocation.of(store, storage_options)
-    require_store(loc, damaged_ok=True)  # a folder that is no store at all is a bad argument, not something to repair
+    store = Store.open(store, storage_options)
+    store.require(damaged_ok=True)  # a folder that is no store at all is a bad argument, not something to repair
     with quiet_zarr_warnings():
-        return _diagnose(loc, repair)
+        return _diagnose(store, repair)
 
 
-def _diagnose(loc: StoreLocation, repair: bool) -> Report:
-    report = Report(str(loc))
-    if not loc.exists():
-        report.fault(f"no store at {loc} (no zarr.json)")
+def _diagnose(store: Store, repair: bool) -> Report:
+    report = Report(str(store))
+    if not store.exists():
+        report.fault(f"no store at {store} (no zarr.json)")
         return report
-    cons = _open(loc, True, report)
-    plain = _open(loc, False, report)
+    cons = _open(store, True, report)
+    plain = _open(store, False, report)
     if plain is None:
         return report
     if cons is not None:
         _check_metadata(cons, plain, report)
     attrs = dict(plain.attrs)
     if "status" not in plain and "chunk_pages" not in attrs:
-        raise NotAStore(f"{loc} is not a pagecube store (a Zarr group without pagecube's arrays and attributes)")
+        raise NotAStore(f"{store} is not a pagecube store (a Zarr group without pagecube's arrays and attributes)")
     if "status" not in plain:
         report.fault("array status is missing: not a pagecube store?")
         return report
@@ -263,28 +258,27 @@ def _diagnose(loc: StoreLocation, repair: bool) -> Report:
         import xarray as xr
 
         with quiet_zarr_warnings():
-            ds = xr.open_zarr(loc.zarr_store, consolidated=True, mask_and_scale=False, decode_times=False)
+            ds = xr.open_zarr(store.zarr_store, consolidated=True, mask_and_scale=False, decode_times=False)
         if ds.sizes.get("page") != n:
             report.fault(f"xarray sees {ds.sizes.get('page')} pages, zarr {n}")
     except Exception as exc:
         report.fault(f"xarray cannot open the store (consolidated): {_one_line(exc)}")
-    entries = chunk_index.list_entries(loc)
+    entries = store.chunks()
     for c in range(-(-n // chunk_pages)):
         start, stop = c * chunk_pages, min((c + 1) * chunk_pages, n)
-        _check_chunk(loc, plain, ds, c, start, stop, P, entries, report)
+        _check_chunk(store, plain, ds, c, start, stop, P, entries, report)
     _note_duplicate_ids(plain, n, chunk_pages, report)
     for c in sorted(entries):
         if c * chunk_pages >= n:
             report.fault(f"index entry for chunk {c} lies beyond the store's {n} pages")
             report.bad_entries.add(c)
 
-    info = read_lock(loc)
-    report.lock_live = info is not None and holder_is_gone(info) is None
-    report.notes.append(f"lock: {lock_state(loc)}")
-    stopped = stopped_state(loc)
+    report.lock_live = store.live_holder() is not None
+    report.notes.append(f"lock: {store.lock_state()}")
+    stopped = stopped_state(store)
     if stopped:  # a fault of the world stopped the last build: the store is fine, the pages are pending
         report.notes.append(stopped)
-    report.debris = find_debris(loc, full=True)
+    report.debris = store.debris(full=True)
     if report.debris:
         msg = f"{len(report.debris)} debris files (*.partial) from a killed writer, e.g. {report.debris[0]}"
         if report.lock_live:
@@ -292,7 +286,7 @@ def _diagnose(loc: StoreLocation, repair: bool) -> Report:
         else:
             report.fault(msg)
     if repair and not report.ok:
-        _repair(loc, report, chunk_pages, n)
+        _repair(store, report, chunk_pages, n)
     return report
 
 
@@ -318,15 +312,15 @@ def _note_duplicate_ids(group, n: int, chunk_pages: int, report: Report) -> None
                             "lookups by id (show, similar, summary --page-id) take the first")
 
 
-def _repair(loc: StoreLocation, report: Report, chunk_pages: int, n: int) -> None:
+def _repair(store: Store, report: Report, chunk_pages: int, n: int) -> None:
     import zarr
 
-    with WriterLock(loc):  # refuses (StoreLocked) while a build runs
+    with store.lock():  # refuses (StoreLocked) while a build runs
         with quiet_zarr_warnings():
             if report.metadata_disagrees:
-                zarr.consolidate_metadata(loc.zarr_store)
+                zarr.consolidate_metadata(store.zarr_store)
                 report.repaired.append("re-consolidated the metadata")
-            group = zarr.open_group(loc.zarr_store, mode="r+", use_consolidated=False)
+            group = store.group("r+", consolidated=False)
             status_arr = group["status"]
             for c, offsets in sorted(report.bad_pages.items()):
                 start, stop = c * chunk_pages, min((c + 1) * chunk_pages, n)
@@ -336,15 +330,15 @@ def _repair(loc: StoreLocation, report: Report, chunk_pages: int, n: int) -> Non
                     status = np.full(stop - start, STATUS_PENDING, dtype=status_arr.dtype)
                 status[sorted(offsets)] = STATUS_PENDING
                 status_arr[start:stop] = status
-        entries = chunk_index.list_entries(loc)
+        entries = store.chunks()
         for c in set(report.bad_pages) | report.bad_entries:
             if c in entries:
-                chunk_index.remove_entry(loc, entries[c])
+                store.forget_chunk(entries[c])
         if report.bad_pages:
             report.repaired.append(f"marked {report.n_bad_pages} pages in {len(report.bad_pages)} chunks as pending; "
                                    "run `pagecube build` to redo them")
         if report.bad_entries - set(report.bad_pages):
             report.repaired.append(f"dropped {len(report.bad_entries - set(report.bad_pages))} wrong index entries")
         if report.debris:
-            removed = clean_debris(loc, full=True)
+            removed = store.clean_debris(full=True)
             report.repaired.append(f"removed {removed} debris files")

@@ -17,31 +17,13 @@ import zarr
 
 from .errors import NotAStore
 from .lookup import find_page
-from .store import index as chunk_index
-from .store.location import StoreLocation, quiet_zarr_warnings
-from .store.lock import holder_is_gone, lock_state, read_lock
-from .store.stopped import read_stop
+from .store import Store
 from .store.schema import STATUS_DONE
 
 RATE_WINDOW_CHUNKS = 64
 #: At most this many chunks with failed pages are read to group failures by reason; with more, an
 #: evenly spread sample of them is read (the failed total still comes, exact, from the index).
 MAX_REASON_CHUNKS = 256
-
-
-def require_store(loc: StoreLocation, damaged_ok: bool = False) -> None:
-    """Raise :class:`NotAStore` with one line unless ``loc`` holds a store (``damaged_ok``: or the
-    bookkeeping of one whose root metadata is gone, for diagnose to look at)."""
-    if loc.exists():
-        return
-    fs = loc.fs
-    if fs.exists(loc.meta_path()):  # our bookkeeping is there, the root metadata is not
-        if damaged_ok:
-            return
-        raise NotAStore(f"{loc} is a damaged pagecube store (its root zarr.json is missing): "
-                        f"see `pagecube diagnose {loc}`")
-    where = "" if fs.exists(loc.root) else " (nothing is there)"
-    raise NotAStore(f"{loc} is not a pagecube store{where}")
 
 
 def _require_pagecube(where, store) -> None:
@@ -51,15 +33,13 @@ def _require_pagecube(where, store) -> None:
 
 
 def open_store(store, storage_options: dict | None = None) -> "xr.Dataset":
-    import xarray as xr  # here, not at the top: ``pagecube status`` reads the store without it
-
-    loc = StoreLocation.of(store, storage_options)
-    require_store(loc)
+    """The whole store as a Dataset (every page, pending ones too); ``store`` may be a ``Store``."""
+    store = Store.open(store, storage_options)
+    store.require()
     try:
-        with quiet_zarr_warnings():
-            return xr.open_zarr(loc.zarr_store, consolidated=True)
+        return store.dataset()  # xarray is imported there, not here: ``pagecube status`` reads without it
     except (KeyError, ValueError, zarr.errors.BaseZarrError) as exc:  # e.g. no consolidated metadata
-        raise NotAStore(f"{loc} is not a pagecube store ({_first_line(exc)})") from None
+        raise NotAStore(f"{store} is not a pagecube store ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -106,12 +86,12 @@ class DuplicatePageIds(UserWarning):
     """Some finished pages share a page id (user data can): ``.sel(page=ID)`` returns all of them."""
 
 
-def _group(loc: StoreLocation) -> zarr.Group:
+def readable_group(store: Store) -> zarr.Group:
+    """The store's Zarr group, or ``NotAStore`` with one line (zarr's own error says less)."""
     try:
-        with quiet_zarr_warnings():
-            return zarr.open_group(loc.zarr_store, mode="r", use_consolidated=True)
+        return store.group()
     except (KeyError, ValueError, zarr.errors.BaseZarrError) as exc:
-        raise NotAStore(f"{loc} is not a pagecube store ({_first_line(exc)})") from None
+        raise NotAStore(f"{store} is not a pagecube store ({_first_line(exc)})") from None
 
 
 def reason_kind(reason: str) -> str:
@@ -185,14 +165,14 @@ def store_status(store, storage_options: dict | None = None, *, entries: dict | 
     listing (with times) the caller already made; ``examples``: keep that many failed pages
     (position, id) per reason.
     """
-    loc = StoreLocation.of(store, storage_options)
-    require_store(loc)
-    group = _group(loc)
-    _require_pagecube(loc, group)
+    store = Store.open(store, storage_options)
+    store.require()
+    group = readable_group(store)
+    _require_pagecube(store, group)
     n_pages = int(group["status"].shape[0])
     chunk_pages = int(group.attrs["chunk_pages"])
     if entries is None:
-        entries = chunk_index.list_entries(loc, with_times=True)
+        entries = store.chunks(with_times=True)
     done = sum(e.done for e in entries.values())
     failed = sum(e.failed for e in entries.values())
 
@@ -218,17 +198,16 @@ def store_status(store, storage_options: dict | None = None, *, entries: dict | 
         stamps = stamps[stamps != np.iinfo(np.int64).min]
         if len(stamps) > 1 and stamps.max() > stamps.min():
             rate = float(len(stamps) / ((stamps.max() - stamps.min()) / 1000.0))
-    return StoreStatus(loc.url, n_pages, chunk_pages, done, failed, rate, lock_state(loc), failures, last,
-                       len(bad), len(picked), shown, stopped_state(loc))
+    return StoreStatus(store.url, n_pages, chunk_pages, done, failed, rate, store.lock_state(), failures, last,
+                       len(bad), len(picked), shown, stopped_state(store))
 
 
-def stopped_state(loc: StoreLocation) -> str:
+def stopped_state(store: Store) -> str:
     """``stopped: disk full (the stop line)`` when a fault of the world stopped the last build and no
     build holds the store now; else empty."""
-    info = read_lock(loc)
-    if info is not None and holder_is_gone(info) is None:
+    if store.live_holder() is not None:
         return ""  # a build runs (it cleared the record, or is about to)
-    stop = read_stop(loc)
+    stop = store.stop_record()
     return stop.describe() if stop is not None else ""
 
 
@@ -263,11 +242,12 @@ def _read_chunks(array, chunks: list[int], chunk_pages: int, n_pages: int) -> np
 def page_summaries(store, *, max_pages: int = 5, text_len: int = 80, compact: bool = False,
                    page_id: str | None = None, storage_options: dict | None = None) -> list[str]:
     """The seed's page summaries: id, series, panels, embedding norm, panel text."""
-    ds = open_store(store, storage_options)
-    _require_pagecube(store, ds)
+    opened = Store.open(store, storage_options)
+    ds = open_store(opened)
+    _require_pagecube(store, ds)  # named as the caller named it
     status = ds["status"].values
     if page_id is not None:
-        pages = [find_page(store, page_id, storage_options=storage_options)]  # streams page_id; also takes @N
+        pages = [find_page(opened, page_id)]  # streams page_id chunk by chunk; also takes @N
     else:
         pages = np.flatnonzero(status == STATUS_DONE)[:max_pages]
     out = [f"{int((status == STATUS_DONE).sum())} of {len(status)} pages done"]

@@ -21,16 +21,19 @@ def status(
 ) -> None:
     """Done, failed and pending pages, recent rate, ETA and failures by reason (mid-run too)."""
     from ..errors import BadArgument
+    from ..store import Store
 
     options = _options(storage_options)
     if serve and watch:
         raise BadArgument("--serve and --watch do not go together: run them in two terminals")
+    opened = Store.open(store, options)
     if serve:
         from ..watch import serve_store
 
-        _check_store(store, options)
+        if not opened.exists():
+            raise BadArgument(f"no pagecube store at {store}")
         try:
-            serve_store(store, options, image_root, host, port,
+            serve_store(opened, image_root=image_root, host=host, port=port,
                         announce=lambda url: print(f"pagecube: serving the page for {store} at {url} (Ctrl-C to stop)",
                                                    flush=True))
         except OSError as exc:
@@ -39,25 +42,16 @@ def status(
     if watch:
         from ..watch.terminal import watch_status
 
-        watch_status(store, options, every)
+        watch_status(opened, every=every)
         return
-    from ..store.location import StoreLocation
     from ..watch.terminal import status_lines, status_now
 
-    print("\n".join(status_lines(*status_now(StoreLocation.of(store, options), options))))
-
-
-def _check_store(store, options) -> None:
-    from ..errors import BadArgument
-    from ..store.location import StoreLocation
-
-    if not StoreLocation.of(store, options).exists():
-        raise BadArgument(f"no pagecube store at {store}")
+    print("\n".join(status_lines(*status_now(opened))))
 
 
 def _options(text):
     from ..errors import BadArgument
-    from ..store.location import parse_storage_options
+    from ..store import parse_storage_options
 
     try:
         return parse_storage_options(text)

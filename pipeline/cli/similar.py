@@ -39,7 +39,7 @@ def similar(
     from ..errors import BadArgument
     from ..similar import (NotAStore, SimilarError, describe_pages, embed_text_query, find_page, query_words,
                            similar_pages)
-    from ..store.location import parse_storage_options
+    from ..store import Store, parse_storage_options
 
     if (page_id is None) == (text is None):
         raise BadArgument("give either a PAGE_ID or --text \"...\", not both: pagecube similar STORE PAGE_ID, "
@@ -47,18 +47,18 @@ def similar(
     if text is None and model is not None:
         raise BadArgument("--model only applies to --text queries")
     try:
-        so = parse_storage_options(storage_options)
+        opened = Store.open(store, parse_storage_options(storage_options))
         if text is not None:
-            vector = embed_text_query(store, text, model=model, device=device, seed=seed, storage_options=so)
+            vector = embed_text_query(opened, text, model=model, device=device, seed=seed)
             words = query_words(text)
-            hits = similar_pages(store, vector=vector, k=k, storage_options=so, words=words)
+            hits = similar_pages(opened, vector=vector, k=k, words=words)
             query = f"query: text {text!r} (pages that say it first, then those holding more of its words)"
         else:
-            qi = find_page(store, page_id, storage_options=so)  # one pass over page_id, then by position
-            hits = similar_pages(store, f"@{qi}", k=k, storage_options=so, exclude_self=not include_self)
-            q = describe_pages(store, [qi], storage_options=so)[0]
+            qi = find_page(opened, page_id)  # one pass over page_id, then by position
+            hits = similar_pages(opened, f"@{qi}", k=k, exclude_self=not include_self)
+            q = describe_pages(opened, [qi])[0]
             query = f"query: page @{q.page_index} {q.page_id}  series={q.series or '-'}  {q.snippet}"
-        rows = describe_pages(store, [h.page_index for h in hits], storage_options=so)
+        rows = describe_pages(opened, [h.page_index for h in hits])
     except NotAStore:
         raise  # not a bad argument: exit 1 with its line
     except (SimilarError, ValueError) as exc:

@@ -14,6 +14,7 @@ has been sent the final snapshot (a few seconds at most), so the page's last wor
 """
 from __future__ import annotations
 
+from ..store import Store
 from ..store.location import StoreLocation
 
 __all__ = ["install_page", "serve_store", "show_the_end"]
@@ -22,17 +23,19 @@ __all__ = ["install_page", "serve_store", "show_the_end"]
 END_WAIT_S = 8.0
 
 
-def install_page(client, loc: StoreLocation, image_root: str | None, dashboard_link: str | None) -> str | None:
-    """Serve the page for ``loc`` on the client's scheduler; its URL (None without a dashboard)."""
+def install_page(client, store: Store | StoreLocation, image_root: str | None, dashboard_link: str | None
+                 ) -> str | None:
+    """Serve the page for ``store`` on the client's scheduler; its URL (None without a dashboard)."""
     from cluster.http import install_routes, page_link
 
     from .web import PAGE_PATH, WatchPlugin
 
-    install_routes(client, WatchPlugin(loc.url, loc.storage_options, image_root))
+    install_routes(client, WatchPlugin(Store.open(store), image_root=image_root))
     return page_link(dashboard_link, PAGE_PATH)
 
 
-def show_the_end(client, loc: StoreLocation, state: str, reason: str = "", wait_s: float = END_WAIT_S) -> int:
+def show_the_end(client, store: Store | StoreLocation, state: str, reason: str = "",
+                 wait_s: float = END_WAIT_S) -> int:
     """Tell the page on the client's scheduler that the build ended (``finished`` or ``stopped``, and why),
     then wait until every open page has been sent a snapshot taken after that, at most ``wait_s``.
 
@@ -42,22 +45,23 @@ def show_the_end(client, loc: StoreLocation, state: str, reason: str = "", wait_
 
     from .web import end_on_scheduler, waiting_on_scheduler
 
+    url = Store.open(store).url
     deadline = time.monotonic() + wait_s
     left = lambda: max(0.5, deadline - time.monotonic())  # noqa: E731 - a scheduler that went away costs no more
-    waiting = client.run_on_scheduler(end_on_scheduler, store=loc.url, state=state, reason=reason,
+    waiting = client.run_on_scheduler(end_on_scheduler, url=url, state=state, reason=reason,
                                       callback_timeout=left())
     while waiting and time.monotonic() < deadline:
         time.sleep(0.1)
-        waiting = client.run_on_scheduler(waiting_on_scheduler, store=loc.url, callback_timeout=left())
+        waiting = client.run_on_scheduler(waiting_on_scheduler, url=url, callback_timeout=left())
     return waiting
 
 
-def serve_store(store: str, storage_options: dict | None = None, image_root: str | None = None,
+def serve_store(store, storage_options: dict | None = None, image_root: str | None = None,
                 host: str = "127.0.0.1", port: int = 8788, announce=print) -> None:
     """Serve the page for ``store`` from this process until Ctrl-C (no scheduler: no worker rows)."""
     from cluster.http import serve_routes
 
     from .web import PAGE_PATH, ROUTES, WatchPlugin
 
-    plugin = WatchPlugin(StoreLocation.of(store, storage_options).url, storage_options, image_root)
+    plugin = WatchPlugin(store, storage_options, image_root)
     serve_routes(ROUTES, lambda: plugin, host, port, lambda base: announce(f"{base}{PAGE_PATH}"))

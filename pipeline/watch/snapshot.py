@@ -17,10 +17,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from ..readers import _group, store_status
-from ..store import index as chunk_index
-from ..store.location import StoreLocation
-from ..store.lock import holder_is_gone, read_lock, running_chunks
+from ..readers import readable_group, store_status
+from ..store import Store
+from ..store.lock import holder_is_gone
 from ..store.schema import STATUS_DONE
 
 #: chunk states in the map string, one character per chunk
@@ -49,8 +48,8 @@ def clean_url(text: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def _writer(loc: StoreLocation, pending: int, stopped: str = "") -> dict:
-    info = read_lock(loc)
+def _writer(store: Store, pending: int, stopped: str = "") -> dict:
+    info = store.holder()
     if stopped and (info is None or holder_is_gone(info)):  # a fault of the world stopped the last build
         return {"state": "stopped", "text": stopped}
     if info is None:
@@ -126,23 +125,23 @@ def recent_pages(group, entries: dict, chunk_pages: int, n_pages: int, n: int = 
 
 def snapshot(store, storage_options: dict | None = None) -> dict:
     """The page's data for ``store`` right now (see the module docstring)."""
-    loc = StoreLocation.of(store, storage_options)
+    store = Store.open(store, storage_options)
     now = time.time()
-    base = {"store": clean_url(loc.url), "time": now}
-    if not loc.exists():
+    base = {"store": clean_url(store.url), "time": now}
+    if not store.exists():
         return {**base, "ready": False, "message": "the store does not exist yet (the build is starting)"}
     try:
-        group = _group(loc)
+        group = readable_group(store)
         attrs = dict(group.attrs)
         n_pages = int(group["status"].shape[0])
         chunk_pages = int(attrs["chunk_pages"])
     except Exception:  # noqa: BLE001 - a template being written, or not a pagecube store
         return {**base, "ready": False, "message": "the store has no complete template yet"}
-    entries = chunk_index.list_entries(loc, with_times=True)
-    st = store_status(loc, entries=entries, examples=EXAMPLES_PER_REASON)
+    entries = store.chunks(with_times=True)
+    st = store_status(store, entries=entries, examples=EXAMPLES_PER_REASON)
     n_chunks = -(-n_pages // chunk_pages)
-    cmap, counts = chunk_map(n_chunks, entries, running_chunks(loc), chunk_pages, n_pages)
-    writer = _writer(loc, st.pending, st.stopped)
+    cmap, counts = chunk_map(n_chunks, entries, store.running_chunks(), chunk_pages, n_pages)
+    writer = _writer(store, st.pending, st.stopped)
     building = writer["state"] == "building"
     rate = live_rate(entries, now, writer.get("started")) if building else st.pages_per_s
     model = {k: (clean_url(attrs[k]) if k in URL_KEYS else attrs[k]) for k in MODEL_KEYS if k in attrs}

@@ -13,23 +13,20 @@ import dataclasses
 import time
 
 from ..readers import StoreStatus, store_status
-from ..store import index as chunk_index
-from ..store.location import StoreLocation
-from ..store.lock import holder_is_gone, read_lock
+from ..store import Store
 from .snapshot import RATE_WINDOW_S, live_rate
 
 
-def building(loc: StoreLocation) -> bool:
-    info = read_lock(loc)
-    return info is not None and holder_is_gone(info) is None
+def building(store: Store) -> bool:
+    return store.live_holder() is not None
 
 
-def status_now(loc: StoreLocation, options) -> tuple[StoreStatus, bool]:
+def status_now(store: Store) -> tuple[StoreStatus, bool]:
     """The store's status, with the live rate while a build holds it; and whether one does."""
-    info = read_lock(loc)
-    live = info is not None and holder_is_gone(info) is None
-    entries = chunk_index.list_entries(loc, with_times=True)
-    st = store_status(loc, options, entries=entries)
+    info = store.live_holder()
+    live = info is not None
+    entries = store.chunks(with_times=True)
+    st = store_status(store, entries=entries)
     if live:
         st = dataclasses.replace(st, pages_per_s=live_rate(entries, time.time(), info.started))
     return st, live
@@ -68,11 +65,11 @@ def _bar(done: int, failed: int, total: int, width: int = 40) -> str:
     return f"[green]{'█' * d}[/][red]{'█' * f}[/][dim]{'░' * (width - d - f)}[/]"
 
 
-def _render(loc: StoreLocation, options):
+def _render(store: Store):
     from rich.markup import escape
     from rich.text import Text
 
-    st, live = status_now(loc, options)
+    st, live = status_now(store)
     lines = [escape(line) for line in status_lines(st, live)]
     lines.insert(2, f"         {_bar(st.done, st.failed, st.n_pages)}")
     state = "[bold blue]building[/]" if live else "[bold]not building[/]"
@@ -85,27 +82,27 @@ def watch_status(store, storage_options: dict | None = None, every: float = 2.0)
     from rich.console import Console
     from rich.live import Live
 
-    loc = StoreLocation.of(store, storage_options)
+    store = Store.open(store, storage_options)
     console = Console()
     if not console.is_terminal:  # no redrawing into a pipe: a line per interval, then the final status
         try:
             while True:
-                st, live = status_now(loc, storage_options)
+                st, live = status_now(store)
                 if not live:
                     break
                 print(plain_line(st, live), flush=True)
                 time.sleep(every)
         except KeyboardInterrupt:
             pass
-        st, live = status_now(loc, storage_options)
+        st, live = status_now(store)
         print("\n".join(status_lines(st, live)), flush=True)
         return
-    view, _ = _render(loc, storage_options)
+    view, _ = _render(store)
     try:
         with Live(view, console=console, auto_refresh=False, transient=False) as live:
             while True:
-                ended = not building(loc)
-                view, _ = _render(loc, storage_options)
+                ended = not building(store)
+                view, _ = _render(store)
                 live.update(view, refresh=True)
                 if ended:
                     break

@@ -37,6 +37,7 @@ from tornado.web import Finish, RequestHandler
 
 from cluster.http import RoutesPlugin
 
+from ..store import Store
 from .snapshot import clean_url, snapshot
 
 PAGE_PATH = "/pagecube"
@@ -67,9 +68,8 @@ class WatchPlugin(RoutesPlugin):
     name = "pagecube-page"
     topic = "pagecube"
 
-    def __init__(self, store: str, storage_options: dict | None = None, image_root: str | None = None):
-        self.store = str(store)
-        self.storage_options = dict(storage_options or {})
+    def __init__(self, store, storage_options: dict | None = None, image_root: str | None = None):
+        self.store = Store.open(store, storage_options)
         self.image_root = image_root
         self._reset()
 
@@ -119,12 +119,12 @@ class WatchPlugin(RoutesPlugin):
         with self._lock:
             generation = self._generation
             if self._cached is None or self._cached[1] != generation or time.monotonic() - self._cached[0] > CACHE_S:
-                self._cached = (time.monotonic(), generation, snapshot(self.store, self.storage_options))
+                self._cached = (time.monotonic(), generation, snapshot(self.store))
             return self._cached[2]
 
     def end_build(self, state: str, reason: str = "") -> None:
         """The build ended (``finished`` or ``stopped``, and why): later snapshots are read afresh and say so."""
-        reopen = f"pagecube status {shlex.quote(clean_url(self.store))} --serve"
+        reopen = f"pagecube status {shlex.quote(clean_url(self.store.url))} --serve"
         if self.image_root:
             reopen += f" --image-root {shlex.quote(clean_url(self.image_root))}"
         with self._tabs_lock:  # not self._lock: that one is held while a snapshot is read, off the event loop
@@ -178,7 +178,7 @@ class WatchPlugin(RoutesPlugin):
             if key in self._thumbs:
                 self._thumbs.move_to_end(key)
                 return self._thumbs[key]
-        png = _draw_thumbnail(self.store, self.storage_options, self.image_root, page, width)
+        png = _draw_thumbnail(self.store, self.image_root, page, width)
         with self._lock:
             self._thumbs[key] = png
             while len(self._thumbs) > THUMB_CACHE:
@@ -186,13 +186,13 @@ class WatchPlugin(RoutesPlugin):
         return png
 
 
-def _draw_thumbnail(store, storage_options, image_root, page: int, width: int) -> bytes:
+def _draw_thumbnail(store: Store, image_root, page: int, width: int) -> bytes:
     from PIL import Image, ImageDraw
 
     from ..show import render_page
 
     try:
-        canvas, _ = render_page(store, f"@{page}", image_root=image_root, storage_options=storage_options)
+        canvas, _ = render_page(store, f"@{page}", image_root=image_root, storage_options=store.storage_options)
         height = max(1, round(canvas.height * width / canvas.width))
         canvas = canvas.resize((width, height), Image.LANCZOS)
     except Exception as exc:  # noqa: BLE001 - the picture says why, the page goes on
@@ -339,18 +339,18 @@ ROUTES = [
 # --- the end of a build (run on the scheduler by ``pipeline.watch.show_the_end``) -------------------
 
 
-def end_on_scheduler(dask_scheduler, store: str, state: str, reason: str) -> int:
-    """Mark the build of ``store`` ended on this scheduler's page; how many open pages wait for it."""
+def end_on_scheduler(dask_scheduler, url: str, state: str, reason: str) -> int:
+    """Mark the build of the store at ``url`` ended on this scheduler's page; how many open pages wait for it."""
     plugin = dask_scheduler.plugins.get(WatchPlugin.name)
-    if not isinstance(plugin, WatchPlugin) or plugin.store != store:
+    if not isinstance(plugin, WatchPlugin) or plugin.store.url != url:
         return 0
     plugin.end_build(state, reason)
     return plugin.pages_waiting()
 
 
-def waiting_on_scheduler(dask_scheduler, store: str) -> int:
-    """How many open pages of ``store`` have not yet been sent the end."""
+def waiting_on_scheduler(dask_scheduler, url: str) -> int:
+    """How many open pages of the store at ``url`` have not yet been sent the end."""
     plugin = dask_scheduler.plugins.get(WatchPlugin.name)
-    if not isinstance(plugin, WatchPlugin) or plugin.store != store:
+    if not isinstance(plugin, WatchPlugin) or plugin.store.url != url:
         return 0
     return plugin.pages_waiting()
