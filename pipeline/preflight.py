@@ -30,6 +30,7 @@ import os
 import socket
 import uuid
 
+from .store import Store
 from .store.location import StoreLocation
 
 #: Packages compared between client, scheduler and workers.
@@ -63,18 +64,16 @@ def check_cluster(handle, device: str, timeout: float = DEFAULT_TIMEOUT) -> list
     return [f"version skew: {line}" for line in skew_lines(table)]
 
 
-def _write_probe(url: str, storage_options: dict, token: str) -> str:
+def _write_probe(store: Store, token: str) -> str:
     """On a worker: write a probe object under ``_pagecube/``; returns its name."""
-    loc = StoreLocation(url, storage_options)
     name = f"probe-{token}-{uuid.uuid4().hex[:8]}"
-    loc.fs.pipe_file(loc.meta_path(name), token.encode())
+    store.fs.pipe_file(store.location.meta_path(name), token.encode())
     return name
 
 
-def _remove_probe(url: str, storage_options: dict, name: str) -> None:
-    loc = StoreLocation(url, storage_options)
+def _remove_probe(store: Store, name: str) -> None:
     try:
-        loc.fs.rm_file(loc.meta_path(name))
+        store.fs.rm_file(store.location.meta_path(name))
     except FileNotFoundError:
         pass
 
@@ -103,24 +102,24 @@ def _see_local_probe(folder: str, name: str, token: str) -> str | None:
     return None
 
 
-def _check_local_store(client, loc: StoreLocation) -> None:
-    folder = _nearest_existing(loc.url)
+def _check_local_store(client, store: Store) -> None:
+    folder = _nearest_existing(store.url)
     if not os.path.isdir(folder):
-        raise PreflightError(f"store {loc} is not writable from the workers: {folder} is a file, not a folder")
+        raise PreflightError(f"store {store} is not writable from the workers: {folder} is a file, not a folder")
     token = uuid.uuid4().hex
     name = f".pagecube-probe-{token}"
     try:
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             f.write(token)
     except OSError as exc:
-        raise PreflightError(f"cannot write store {loc} here: {exc.strerror or exc}") from None
+        raise PreflightError(f"cannot write store {store} here: {exc.strerror or exc}") from None
     try:
         seen = client.run(_see_local_probe, folder, name, token, on_error="return")
     finally:
         os.unlink(os.path.join(folder, name))
     for worker, why in seen.items():
         if why is not None:
-            raise PreflightError(f"store {loc} is not reachable from the workers: worker {worker} "
+            raise PreflightError(f"store {store} is not reachable from the workers: worker {worker} "
                                  f"({_one_line(why)}); use a path every machine sees (a shared filesystem) "
                                  "or an object store URL (s3://...)")
 
@@ -159,7 +158,7 @@ def _one_line(why) -> str:
     return str(why)
 
 
-def check_store(handle, loc: StoreLocation) -> None:
+def check_store(handle, store: Store | StoreLocation) -> None:
     """Every worker sees the same store as this machine (see the module docstring).
 
     Probes run in the workers' event loops (``client.run``), not as tasks: they
@@ -168,29 +167,29 @@ def check_store(handle, loc: StoreLocation) -> None:
     client = handle.client
     if client is None:
         return
-    if loc.is_local:
-        _check_local_store(client, loc)
+    store = Store.open(store)
+    if store.is_local:
+        _check_local_store(client, store)
         return
     token = uuid.uuid4().hex
-    written = client.run(_write_probe, loc.url, loc.storage_options, token, on_error="return")
+    written = client.run(_write_probe, store, token, on_error="return")
     try:
         for worker, name in written.items():
             if isinstance(name, BaseException):
-                raise PreflightError(f"store {loc} is not writable from the workers: worker {worker}: "
+                raise PreflightError(f"store {store} is not writable from the workers: worker {worker}: "
                                      f"{_one_line(name)}")
             try:
-                seen = loc.fs.cat_file(loc.meta_path(name)).decode(errors="replace")
+                seen = store.fs.cat_file(store.location.meta_path(name)).decode(errors="replace")
             except Exception:  # noqa: BLE001 - any failure means this machine cannot see the workers' writes
                 seen = None
             if seen != token:
-                raise PreflightError(f"store {loc} is not shared with the workers: worker {worker} wrote a probe "
+                raise PreflightError(f"store {store} is not shared with the workers: worker {worker} wrote a probe "
                                      "there that this machine cannot read; use a path every machine sees (shared "
                                      "filesystem) or an object store URL")
     finally:
         for worker, name in written.items():
             if isinstance(name, str):
                 try:
-                    client.run(_remove_probe, loc.url, loc.storage_options, name, workers=[worker],
-                               on_error="ignore")
+                    client.run(_remove_probe, store, name, workers=[worker], on_error="ignore")
                 except Exception:  # noqa: BLE001 - best effort
                     pass
