@@ -443,8 +443,8 @@ def _run_chunk(task: ChunkTask, source: SliceSpec, job: JobSpec, budget: Budget)
         while True:
             if missing:  # pages "not found": is their folder (or bucket) still there?
                 folders: dict[str, list[int]] = {}
-                for i, why in missing.items():
-                    folders.setdefault(parent(_NOT_FOUND.match(why).group(1)), []).append(i)
+                for i, reason in missing.items():
+                    folders.setdefault(parent(_NOT_FOUND.match(reason).group(1)), []).append(i)
                 whole = n_read == 0 and len(missing) + len(world) == len(todo)
                 for folder, pages in folders.items():
                     if _location_gone(folder, job.storage_options, whole or folder in read_from):
