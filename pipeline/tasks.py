@@ -34,8 +34,8 @@ from .manifest import PageError, read_page
 from .store.index import ChunkEntry, write_entry
 from .store.location import StoreLocation, fs_options
 from .store.lock import fence
-from .store.schema import MODEL_VARS, STATUS_DONE, STATUS_FAILED, empty_region
-from .store.writer import open_store_group, read_region, region_counts, verify_region, write_region
+from .store.schema import MODEL_VARS, STATUS_DONE, STATUS_FAILED, empty_region, region_counts
+from .store.writer import open_store_group, read_region, verify_region, write_region
 from .types import ChunkTask, JobSpec, Receipt
 
 logger = logging.getLogger("pagecube.tasks")
