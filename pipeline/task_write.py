@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from .store.index import ChunkEntry
 from .store.schema import STATUS_DONE, STATUS_FAILED, empty_region, region_counts
 from .task_phases import phase
 from .types import ChunkTask, JobSpec
+
+if TYPE_CHECKING:
+    from .store import RegionWriter, Store
 
 logger = logging.getLogger("pagecube.tasks")
 MAX_REASONS = 5  # failure reasons a receipt carries
@@ -41,7 +45,7 @@ class Region:
         arrays = empty_region(len(task), job.max_panels, job.embedding_dim, job.embedding_dtype)
         return cls(task.start, task.stop, arrays, before, before == STATUS_DONE)
 
-    def keep_done(self, writer) -> None:
+    def keep_done(self, writer: RegionWriter) -> None:
         """Copy the stored rows of pages already done, so rewriting the chunk keeps them unchanged (data and
         ``written_at``) while the chunk's other pages are (re)computed."""
         for name, arr in self.arrays.items():
@@ -91,13 +95,13 @@ def is_finished(before: np.ndarray, retry_failed: bool) -> bool:
     return done + failed == len(before) and not (retry_failed and failed)
 
 
-def reindex(store, job: JobSpec, task: ChunkTask, status: np.ndarray) -> None:
+def reindex(store: Store, job: JobSpec, task: ChunkTask, status: np.ndarray) -> None:
     """The index entries of a finished range (a task that ran twice; an index entry lost)."""
     store.fence(job.run_id)  # even an index entry is written only while this build holds the store
     record_chunks(store, status, status, task, job.chunk_pages)
 
 
-def write(writer, region: Region, task: ChunkTask, job: JobSpec, seconds: dict) -> np.ndarray | None:
+def write(writer: RegionWriter, region: Region, task: ChunkTask, job: JobSpec, seconds: dict) -> np.ndarray | None:
     """The region, ``status`` last, then the index entries; safe to repeat after a fault of the world.
 
     None once written; else the ``status`` another task finished these pages with meanwhile (this one
@@ -115,7 +119,7 @@ def write(writer, region: Region, task: ChunkTask, job: JobSpec, seconds: dict) 
     return None
 
 
-def _before_completion(writer, region: Region, job: JobSpec, seconds: dict) -> None:
+def _before_completion(writer: RegionWriter, region: Region, job: JobSpec, seconds: dict) -> None:
     """Between the data and ``status``: the lease is still ours, and (``--verify``) the data read back the
     same; else raise, and no page of the range is marked done (a retry, then the failure policy)."""
     writer.store.fence(job.run_id)
@@ -126,7 +130,7 @@ def _before_completion(writer, region: Region, job: JobSpec, seconds: dict) -> N
             raise RuntimeError(f"verify: pages [{region.start}, {region.stop}) read back different {', '.join(bad)}")
 
 
-def record_chunks(store, before: np.ndarray, after: np.ndarray, task: ChunkTask, chunk_pages: int) -> None:
+def record_chunks(store: Store, before: np.ndarray, after: np.ndarray, task: ChunkTask, chunk_pages: int) -> None:
     """An index entry for each chunk of the range that ``after`` finishes, replacing the one ``before`` had."""
     for (chunk, d0, f0, n), (_, d1, f1, _) in zip(_chunk_counts(before, task, chunk_pages),
                                                     _chunk_counts(after, task, chunk_pages)):
