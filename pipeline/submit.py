@@ -10,16 +10,18 @@ from __future__ import annotations
 import re
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 import dask
 
 from .faults import WorldStop, classify
 from .progress import Progress
-from .store import index as chunk_index
-from .store.location import StoreLocation
-from .store.lock import LeaseLost, clear_running, deaths_running, fence, running_mark
+from .store.lock import LeaseLost
 from .tasks import run_chunk
 from .types import JobSpec, Receipt
+
+if TYPE_CHECKING:
+    from .store import Store
 
 WINDOW_PER_THREAD = 2
 TASK_RETRIES = 2  # raised exceptions (I/O hiccups); worker deaths are bounded by allowed-failures
@@ -29,7 +31,7 @@ TASK_RETRIES = 2  # raised exceptions (I/O hiccups); worker deaths are bounded b
 #: or an OOM kill takes its tasks with it: they are submitted afresh (safe: tasks are idempotent).
 #: A task whose pages crash every process that runs them (a native-library crash, a page that
 #: exhausts memory) would kill workers for ever: once DEATHS_TO_FAIL processes died while really
-#: running it, its unfinished pages are marked failed with that reason (``_fail_range``) and the
+#: running it, its unfinished pages are marked failed with that reason (``fail_range``) and the
 #: build ends.
 ALLOWED_FAILURES = 0
 #: Dask blames every task a dying worker held, including tasks queued behind (or overlapping) the
@@ -111,6 +113,7 @@ def _lease_lost(exc: BaseException) -> bool:
 def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None,
               no_workers_timeout: float | None = None) -> list[Receipt]:
     receipts: list[Receipt] = []
+    store = job.store
     client = handle.client
     if client is None:
         for task in plan.tasks:
@@ -123,7 +126,7 @@ def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None,
                 if _lease_lost(exc):
                     raise
                 _stop_if_world(exc, job)
-                receipt = fail_range(job, task, task_failure(exc, task))
+                receipt = fail_range(store, job, task, task_failure(exc, task))
             _stop_if_stopped(receipt)
             receipts.append(receipt)
             take_receipt(receipt, bar, reasons)
@@ -166,14 +169,14 @@ def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None,
                 _stop_if_world(exc, job)
                 deaths = 0
                 if type(exc).__name__ == "KilledWorker":
-                    deaths = deaths_running(StoreLocation(job.store_url, job.storage_options), task.chunk)
+                    deaths = store.deaths_running(task.chunk)
                     if deaths < DEATHS_TO_FAIL and killed.get(task, 0) < KILLED_RESUBMITS:
                         killed[task] = killed.get(task, 0) + 1
                         say(f"pagecube: a worker died while holding pages [{task.start}, {task.stop}); "
                              "running them again in a fresh task")
                         ac.add(submit(task, killed[task]))
                         continue
-                receipt = fail_range(job, task, task_failure(exc, task, deaths))
+                receipt = fail_range(store, job, task, task_failure(exc, task, deaths))
                 try:  # the scheduler's page counters count these failures too
                     client.log_event("pagecube", {"done": 0, "failed": receipt.failed})
                 except Exception:  # pragma: no cover - counting never fails a build
@@ -253,7 +256,7 @@ def result(fut, watch):
 
 def run_chunk_marked(task, source, job):
     """``run_chunk`` inside a running mark, so that a process death while running it can be counted."""
-    with running_mark(StoreLocation(job.store_url, job.storage_options), task.chunk):
+    with job.store.running(task.chunk):
         return run_chunk(task, source, job)
 
 
@@ -267,14 +270,13 @@ def task_failure(exc: BaseException, task, deaths: int = 0) -> str:
     return f"task failed: {type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def fail_range(job: JobSpec, task, reason: str) -> Receipt:
+def fail_range(store: Store, job: JobSpec, task, reason: str) -> Receipt:
     """A task that kept failing (or killing workers): its unfinished pages become failed, with the reason."""
-    from .store.schema import STATUS_DONE, STATUS_FAILED
-    from .store.writer import open_store_group
+    from .store.index import ChunkEntry
+    from .store.schema import STATUS_DONE, STATUS_FAILED, region_counts
 
-    loc = StoreLocation(job.store_url, job.storage_options)
-    fence(loc, job.run_id)
-    group = open_store_group(loc, job.run_id + "-client")
+    store.fence(job.run_id)
+    group = store.writer(job.run_id + "-client").group
     status = group["status"][task.start:task.stop]
     todo = status != STATUS_DONE
     error = group["error"][task.start:task.stop]
@@ -284,9 +286,7 @@ def fail_range(job: JobSpec, task, reason: str) -> Receipt:
     group["status"][task.start:task.stop] = status
     done = int((status == STATUS_DONE).sum())
     for offset in range(0, len(task), job.chunk_pages):
-        part = status[offset: offset + job.chunk_pages]
-        chunk_index.write_entry(loc, chunk_index.ChunkEntry(task.chunk + offset // job.chunk_pages,
-                                                            int((part == STATUS_DONE).sum()),
-                                                            int((part == STATUS_FAILED).sum())))
-    clear_running(loc, task.chunk)
+        store.record_chunk(ChunkEntry(task.chunk + offset // job.chunk_pages,
+                                      *region_counts(status[offset: offset + job.chunk_pages])))
+    store.clear_running(task.chunk)
     return Receipt(task.start, task.stop, done, int(todo.sum()), reasons=(reason,))

@@ -8,6 +8,7 @@ page with exit 0, keeping what was done (``written_at`` unchanged) and equal to 
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -19,7 +20,9 @@ import numpy as np
 import pytest
 
 import smalldisk
-from faultkit import MODEL, PAGECUBE, ROOT, env, index_entries, make_pages, read, run, wait_for
+from faultkit import MODEL, PAGECUBE, ROOT, QuickModel, env, index_entries, make_pages, read, run, wait_for
+from pipeline.store.location import StoreLocation
+from pipeline.store.lock import WriterLock
 
 STOPPED = 75
 VARS = ("status", "page_embeddings", "panel_embeddings", "attention_weights", "reading_order",
@@ -187,6 +190,43 @@ def test_store_made_read_only_mid_build(disk, clean48, tmp_path):
 
     disk.remount("rw")
     _rerun_finishes(disk, pages, store, tmp_path, clean, before)
+
+
+class _RefusingModel(QuickModel):
+    """Refused (EACCES) when it prepares page 5: one file of the task that the world will not hand over."""
+
+    def prepare(self, page):
+        if page.image_path.endswith("page_00005.jpg"):
+            raise PermissionError(errno.EACCES, "Permission denied", page.image_path)
+        return super().prepare(page)
+
+
+def refusing_model(**kwargs):
+    return _RefusingModel(12, 16)
+
+
+def test_a_refused_page_beside_a_missing_one_fails_with_its_own_reason(tmp_path):
+    """A page that is missing and a page that is refused, in one task whose other pages read: each fails
+    with its own reason (the "not found" check once left the refused page a single letter of another's)."""
+    from pipeline.inputs import PageSource
+    from pipeline.tasks import run_chunk
+    from pipeline.types import ChunkTask, JobSpec
+
+    pages = make_pages(tmp_path / "s", 8, seed=4)
+    manifest = pages.parent / "manifests" / "page_00002.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "page_image_path": "../images/nope.jpg"}))
+    store = tmp_path / "r.zarr"
+    assert run("build", pages, "--out", store, *COMMON, "--init-only")[0] == 0
+    with WriterLock(StoreLocation.of(store)) as lock:
+        job = JobSpec(store_url=str(store), storage_options={}, run_id=lock.info.run_id, n_pages=8, chunk_pages=8,
+                      max_panels=12, embedding_dim=16, embedding_dtype="float32", model_resident="refusing-model",
+                      model_factory="test_world_faults:refusing_model", model_kwargs={})
+        receipt = run_chunk(ChunkTask(0, 0, 8), PageSource(str(pages)).slice(0, 8), job)
+    assert (receipt.done, receipt.failed, receipt.stopped) == (6, 2, None)
+    status, error = read(store, "status", "error")
+    assert status.tolist() == [1, 1, 2, 1, 1, 2, 1, 1]
+    assert error[2].startswith("image not found: ") and error[2].endswith("nope.jpg")
+    assert error[5].startswith("PermissionError: [Errno 13] Permission denied"), error[5]
 
 
 # --- the classification itself ---------------------------------------------------------------------------

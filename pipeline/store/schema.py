@@ -17,6 +17,12 @@ NAT_INT = np.iinfo("int64").min  # written_at fill: reads back as NaT
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
 STATUS_MEANINGS = "0 pending, 1 done, 2 failed"
 
+
+def region_counts(status: np.ndarray) -> tuple[int, int]:
+    """(done, failed) pages of a ``status`` range."""
+    return int((status == STATUS_DONE).sum()), int((status == STATUS_FAILED).sum())
+
+
 #: Variables that only the model produces.
 MODEL_VARS = ("page_embeddings", "panel_embeddings", "attention_weights", "reading_order")
 #: Page metadata copied from the manifest.

@@ -17,7 +17,7 @@ import zarr
 
 from ..plan import check_aligned
 from .location import StoreLocation, quiet_zarr_warnings
-from .schema import DATA_VARS, STATUS_DONE, STATUS_FAILED
+from .schema import DATA_VARS
 
 _groups: dict[tuple[str, str], zarr.Group] = {}
 _arrays: dict[tuple[int, str], zarr.Array] = {}
@@ -127,7 +127,3 @@ def verify_region(group: zarr.Group, arrays: dict[str, np.ndarray], start: int, 
         if not same:
             bad.append(name)
     return bad
-
-
-def region_counts(status: np.ndarray) -> tuple[int, int]:
-    return int((status == STATUS_DONE).sum()), int((status == STATUS_FAILED).sum())
