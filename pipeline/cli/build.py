@@ -62,7 +62,8 @@ def build(
 ) -> None:
     """Build the embedding store for PAGES into --out; resumes by default."""
     # the local workers' forkserver was started by pipeline.cli.main, before typer was imported
-    from ..build import BadArgument, build as run_build
+    from ..build import build as run_build
+    from ..errors import BadArgument
     from ..store.location import parse_storage_options
 
     try:
