@@ -62,7 +62,7 @@ class BuildResult:
 
 
 @dataclass(frozen=True)
-class Ran:
+class RunOutcome:
     """What the run phase leaves for the result: each task's receipt, the failures' reasons, its seconds."""
 
     receipts: list
@@ -73,11 +73,11 @@ class Ran:
 def build(pages: str, out: str, options: BuildOptions | None = None, **fields) -> BuildResult:
     """Build (or resume) the store ``out`` from the page list ``pages``.
 
-    The options, their defaults and what each does: :class:`pipeline.options.BuildOptions`, given whole
+    The options, their defaults and what each does: :class:`pipeline.BuildOptions`, given whole
     as ``options`` or one by one as keywords (``build(pages, out, workers=2)``; keywords win).
     """
     refuse_while_bootstrapping()
-    opts = replace(options if options is not None else BuildOptions(), **fields)  # an unknown name is a TypeError naming it
+    opts = replace(options if options is not None else BuildOptions(), **fields)  # unknown names: TypeError
     opts.validate()
     inputs = read_inputs(pages, out, opts)
     store, n_pages = inputs.store, inputs.n_pages
@@ -91,12 +91,12 @@ def build(pages: str, out: str, options: BuildOptions | None = None, **fields) -
                 return BuildResult(str(store), n_pages, 0, 0, 0, time.monotonic() - t_start, workers.dashboard_link)
             plan, already = _plan(store, n_pages, ready.chunk_pages, opts.retry_failed)
             job = _job(inputs, workers, ready, lock.info.run_id, opts)
-            ran = _run(plan, inputs, job, workers, lock, already, opts)
-    return _finalise(store, n_pages, plan, ran, workers.dashboard_link)
+            outcome = _run(plan, inputs, job, workers, lock, already, opts)
+    return _finalise(store, n_pages, plan, outcome, workers.dashboard_link)
 
 
 def _plan(store: Store, n_pages: int, chunk_pages: int, retry_failed: bool) -> tuple[BuildPlan, int]:
-    """The chunks still to do, and the pages done in the chunks that are not."""
+    """The chunks still to do, and the pages already done in the chunks it skips (the progress bar starts there)."""
     entries = store.chunks()
     complete = {c for c, e in entries.items() if not (retry_failed and e.failed)}
     plan = plan_build(n_pages, chunk_pages, complete)
@@ -138,7 +138,7 @@ def _worker_cores(handle) -> int | None:
 
 
 def _run(plan: BuildPlan, inputs: Inputs, job: JobSpec, workers: Workers, lock: WriterLock, already: int,
-         opts: BuildOptions) -> Ran:
+         opts: BuildOptions) -> RunOutcome:
     """The bounded window of tasks, with one line for a Ctrl-C or a cluster left without workers."""
     from cluster import NoWorkers
 
@@ -166,15 +166,15 @@ def _run(plan: BuildPlan, inputs: Inputs, job: JobSpec, workers: Workers, lock: 
         bar.close()
     seconds = time.monotonic() - t_run
     store.clear_running()
-    return Ran(receipts, reasons, seconds)
+    return RunOutcome(receipts, reasons, seconds)
 
 
-def _finalise(store: Store, n_pages: int, plan: BuildPlan, ran: Ran, dashboard: str | None) -> BuildResult:
+def _finalise(store: Store, n_pages: int, plan: BuildPlan, outcome: RunOutcome, dashboard: str | None) -> BuildResult:
     """The store's counts after the run, and where this run's task time went."""
     done, failed = store.counts()
     phases: dict[str, float] = {}
-    for r in ran.receipts:
+    for r in outcome.receipts:
         for name, value in r.seconds.items():
             phases[name] = phases.get(name, 0.0) + value
-    return BuildResult(str(store), n_pages, done, failed, plan.pages_planned, ran.seconds, dashboard, ran.reasons,
-                       phases)
+    return BuildResult(str(store), n_pages, done, failed, plan.pages_planned, outcome.seconds, dashboard,
+                       outcome.reasons, phases)
