@@ -1,8 +1,9 @@
 """pagecube: comic pages -> an xarray/Zarr embedding cube, built in parallel on Dask.
 
-The public API is small: :func:`build` a store, :func:`open_pages` to read it
-(mid-run too), :func:`store_status` to watch it, and the model protocol for
-bringing your own model.
+The public API is small: :func:`build` a store (its options:
+:class:`BuildOptions`), :func:`open_pages` to read it (mid-run too),
+:func:`store_status` to watch it, and the model protocol for bringing your own
+model.
 
 Names are imported on first use: ``import pipeline`` (and so ``pagecube
 --version``, ``pagecube status``, a worker importing a model) does not pull in
@@ -15,14 +16,14 @@ from cluster.lazy import lazy_exports as _lazy_exports
 
 _LAZY = {
     "__version__": "._version",
-    "build": ".build", "BuildResult": ".build",
+    "build": ".build", "BuildResult": ".build", "BuildOptions": ".options",
     "BadArgument": ".errors", "BuildError": ".errors",
     "ModelInfo": ".model.protocol", "PageModel": ".model.protocol",
     "open_pages": ".readers", "open_store": ".readers", "store_status": ".readers",
 }
 
-__all__ = ["__version__", "build", "BuildResult", "BadArgument", "BuildError", "open_pages", "open_store",
-           "store_status", "ModelInfo", "PageModel"]
+__all__ = ["__version__", "build", "BuildOptions", "BuildResult", "BadArgument", "BuildError", "open_pages",
+           "open_store", "store_status", "ModelInfo", "PageModel"]
 
 
 __getattr__, __dir__ = _lazy_exports(__name__, _LAZY)

@@ -1,12 +1,16 @@
 """``pagecube build``: build or resume a store."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import sys
+import typing
 from typing import Optional
 
 import typer
 
+from ..options import BuildOptions
 from .app import app
 
 
@@ -26,73 +30,67 @@ def says_interrupted(command):
     return run
 
 
+#: Options of the command line's own, as text it turns into the ``BuildOptions`` field they are listed
+#: under (see ``_options``); every other field with a flag is an option as it is.
+OWN_OPTIONS = {
+    "model_options": {
+        "reading_direction": (Optional[str], typer.Option(
+            None, "--reading-direction", help="ltr | rtl (manga), for models that order panels by geometry.")),
+    },
+    "progress": {
+        "no_progress": (bool, typer.Option(False, "--no-progress", help="No progress bar or progress lines.")),
+    },
+    "security": {
+        "tls_ca_file": (Optional[str], typer.Option(
+            None, "--tls-ca-file", help="CA certificate (PEM) for a tls:// scheduler; default: Dask config "
+            "distributed.comm.tls.ca-file.")),
+        "tls_cert": (Optional[str], typer.Option(
+            None, "--tls-cert", help="Client certificate (PEM) for a tls:// scheduler.")),
+        "tls_key": (Optional[str], typer.Option(
+            None, "--tls-key", help="Client private key (PEM), if not inside --tls-cert.")),
+    },
+    "storage_options": {
+        "storage_options": (Optional[str], typer.Option(
+            None, "--storage-options", help="fsspec options for s3:// and other URLs, as a JSON object or @FILE "
+            "(credentials: prefer the AWS_* environment).")),
+    },
+}
+
+
+def with_build_options(command):
+    """Give ``command`` (which takes ``**given``) one typer option per ``BuildOptions`` field, in the fields'
+    order: its flag, default and help from the field, or the command line's own options for it."""
+    types = typing.get_type_hints(BuildOptions)
+    params = []
+    for f in dataclasses.fields(BuildOptions):
+        if f.metadata["flag"]:
+            option = typer.Option(f.default, f.metadata["flag"], help=f.metadata["help"])
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=types[f.name]))
+        for name, (annotation, option) in OWN_OPTIONS.get(f.name, {}).items():
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                            annotation=annotation))
+    signature = inspect.signature(command)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    command.__signature__ = signature.replace(parameters=fixed + params)
+    return command
+
+
 @app.command()
 @says_interrupted
+@with_build_options
 def build(
     pages: str = typer.Argument(..., help="A list file (one manifest per line), a glob, or a .jsonl catalog."),
     out: str = typer.Option(..., "--out", "-o", help="The store (a local path or an fsspec URL such as s3://...)."),
-    image_root: Optional[str] = typer.Option(None, "--image-root", help="Folder that relative image paths resolve against (default: each manifest's folder)."),
-    cluster: str = typer.Option("local", "--cluster", help="local | sync | tcp://HOST:PORT | tls://HOST:PORT | SPEC.yaml"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Workers for --cluster local (default: one per core; with GPUs, about one per 4 cores, 1 to 4 per GPU, spread over the GPUs in turn)."),
-    threads_per_worker: Optional[int] = typer.Option(None, "--threads-per-worker", help="Threads per local worker (default 1)."),
-    chunk_pages: Optional[int] = typer.Option(None, "--chunk-pages", help="Pages per store chunk and per task (default: up to 256, in equal chunks whose count is a multiple of the tasks running at once; from the store when resuming)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Pages per model batch (default 16 on CPU, 64 on GPU)."),
-    max_panels: int = typer.Option(12, "--max-panels", help="Panel cap: panel slots per page."),
-    model: Optional[str] = typer.Option(None, "--model", help="tiny | pretrained | closure-lite-base | package.module:factory (default: the store's model when resuming, else pretrained where installed, else tiny, untrained)."),
-    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Weights file (.safetensors, or a torch state dict loaded with weights_only=True)."),
-    embedding_dim: Optional[int] = typer.Option(None, "--embedding-dim", help="Embedding dimension (default: the model's)."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    embedding_dtype: str = typer.Option("float32", "--embedding-dtype", help="float32 | float16 storage for embeddings."),
-    codec: str = typer.Option("zstd", "--codec", help="zstd | lz4 | none, for the embedding arrays."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh, replacing an existing store."),
-    init_only: bool = typer.Option(False, "--init-only", help="Create the store template and stop."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Also redo chunks that hold failed pages."),
-    verify: bool = typer.Option(False, "--verify", help="Read every region back after writing it and compare."),
-    take_over_lock: bool = typer.Option(False, "--take-over-lock", help="Take the store's writer lock even if its holder may be alive."),
-    seed: int = typer.Option(0, "--seed", help="Seed for models built without a checkpoint."),
-    reading_direction: Optional[str] = typer.Option(None, "--reading-direction", help="ltr | rtl (manga), for models that order panels by geometry."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar or progress lines."),
-    tls_ca_file: Optional[str] = typer.Option(None, "--tls-ca-file", help="CA certificate (PEM) for a tls:// scheduler; default: Dask config distributed.comm.tls.ca-file."),
-    tls_cert: Optional[str] = typer.Option(None, "--tls-cert", help="Client certificate (PEM) for a tls:// scheduler."),
-    tls_key: Optional[str] = typer.Option(None, "--tls-key", help="Client private key (PEM), if not inside --tls-cert."),
-    dashboard_address: str = typer.Option("127.0.0.1:0", "--dashboard-address", help="Dashboard address for --cluster local (default: localhost, any free port; ':8787' listens on all interfaces)."),
-    preflight_timeout: float = typer.Option(60.0, "--preflight-timeout", help="Seconds to wait for workers, the model and the store probe before any task."),
-    no_workers_timeout: Optional[float] = typer.Option(None, "--no-workers-timeout", help="Seconds the build waits while no worker is alive (all died, none replaced) before it stops, finished chunks kept (default 60 for --cluster local, 600 otherwise; 0: wait for ever)."),
-    storage_options: Optional[str] = typer.Option(None, "--storage-options", help="fsspec options for s3:// and other URLs, as a JSON object or @FILE (credentials: prefer the AWS_* environment)."),
+    **given,
 ) -> None:
     """Build the embedding store for PAGES into --out; resumes by default."""
     # the local workers' forkserver was started by pipeline.cli.main, before typer was imported
-    from ..build import BadArgument, build as run_build
-    from ..store.location import parse_storage_options
+    from ..build import build as run_build
 
-    try:
-        so = parse_storage_options(storage_options)
-    except ValueError as exc:
-        raise BadArgument(str(exc)) from None
-
-    from cluster import make_security
-
-    try:
-        security = make_security(tls_ca_file, tls_cert, tls_key)
-    except ValueError as exc:
-        raise BadArgument(str(exc)) from None
-    if preflight_timeout <= 0:
-        raise BadArgument(f"--preflight-timeout must be a positive number of seconds, got {preflight_timeout:g}")
-
-    options = {}
-    if reading_direction is not None:
-        options["reading_direction"] = reading_direction
-    result = run_build(
-        pages, out, image_root=image_root, cluster=cluster, workers=workers,
-        threads_per_worker=threads_per_worker, chunk_pages=chunk_pages, batch_size=batch_size,
-        max_panels=max_panels, model=model, checkpoint=checkpoint, embedding_dim=embedding_dim,
-        model_options=options, device=device, embedding_dtype=embedding_dtype, codec=codec,
-        overwrite=overwrite, init_only=init_only, retry_failed=retry_failed, verify=verify,
-        take_over_lock=take_over_lock, seed=seed, progress=not no_progress, storage_options=so,
-        security=security, dashboard_address=dashboard_address, preflight_timeout=preflight_timeout,
-        no_workers_timeout=no_workers_timeout,
-    )
-    if init_only:
+    options = _options(given)
+    result = run_build(pages, out, options)
+    if options.init_only:
         print(f"initialised {result.store}: {result.n_pages} pages pending")
         return
     print(f"{result.store}: {result.done} done, {result.failed} failed, {result.pending} pending "
@@ -104,6 +102,25 @@ def build(
         print(f"  failed: {r}", file=sys.stderr)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+def _options(given: dict) -> BuildOptions:
+    """The command line's options as ``BuildOptions``: its own text turned into the fields it sets."""
+    from cluster import make_security
+
+    from ..errors import BadArgument
+    from ..store.location import parse_storage_options
+
+    reading_direction, no_progress = given.pop("reading_direction"), given.pop("no_progress")
+    tls = given.pop("tls_ca_file"), given.pop("tls_cert"), given.pop("tls_key")
+    try:
+        storage_options = parse_storage_options(given.pop("storage_options"))
+        security = make_security(*tls)
+    except ValueError as exc:
+        raise BadArgument(str(exc)) from None
+    model_options = {} if reading_direction is None else {"reading_direction": reading_direction}
+    return BuildOptions(**given, model_options=model_options, progress=not no_progress,
+                        storage_options=storage_options, security=security)
 
 
 PHASE_NAMES = {"inference": "model", "read": "waiting for pages (read + prepare)", "write": "writing",
