@@ -77,7 +77,10 @@ def build(pages: str, out: str, options: BuildOptions | None = None, **fields) -
     as ``options`` or one by one as keywords (``build(pages, out, workers=2)``; keywords win).
     """
     refuse_while_bootstrapping()
-    opts = replace(options if options is not None else BuildOptions(), **fields)  # unknown names: TypeError
+    unknown = sorted(set(fields) - BuildOptions.names())
+    if unknown:  # as Python says it for a function's own keywords
+        raise TypeError(f"build() got an unexpected keyword argument {unknown[0]!r}")
+    opts = replace(options if options is not None else BuildOptions(), **fields)
     opts.validate()
     inputs = read_inputs(pages, out, opts)
     store, n_pages = inputs.store, inputs.n_pages

@@ -9,7 +9,7 @@ text of its own (``--storage-options`` JSON, the ``--tls-*`` files, ``--reading-
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from .errors import BadArgument
@@ -73,6 +73,11 @@ class BuildOptions:
         "chunks kept (default 60 for --cluster local, 600 otherwise; 0: wait for ever).", "--no-workers-timeout")
     storage_options: Optional[dict] = _option(
         None, "fsspec options for s3:// and other URLs (``--storage-options``: a JSON object or @FILE).")
+
+    @classmethod
+    def names(cls) -> frozenset[str]:
+        """Every option's name: what ``pipeline.build`` takes as keywords."""
+        return frozenset(f.name for f in fields(cls))
 
     def validate(self) -> None:
         """Raise ``BadArgument`` with one line naming the option, for the first that cannot work."""

@@ -199,3 +199,23 @@ def test_bad_arguments_one_line_exit_2(tmp_path, args, needle):
     assert "Traceback" not in text
     assert sum("rror" in ln for ln in text.splitlines()) == 1, text  # one error line (click may add usage)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_python_api_takes_build_options_whole_or_as_keywords(tmp_path):
+    """``pipeline.build`` takes every option of ``BuildOptions`` as a keyword (a misspelt one is a
+    TypeError naming it, as Python says it), or a ``BuildOptions`` whole; keywords win over it; one
+    ``validate`` refuses bad values from Python as from the command line."""
+    import pipeline
+    from pipeline import BadArgument, BuildOptions
+
+    pages = make_pages(tmp_path, 8, seed=1)
+    with pytest.raises(TypeError, match=r"build\(\) got an unexpected keyword argument 'wrokers'"):
+        pipeline.build(str(pages), str(tmp_path / "s.zarr"), wrokers=2)
+    with pytest.raises(BadArgument, match="--preflight-timeout must be a positive number"):
+        pipeline.build(str(pages), str(tmp_path / "s.zarr"), preflight_timeout=0)
+    assert not (tmp_path / "s.zarr").exists()
+    options = BuildOptions(cluster="sync", model=MODEL, chunk_pages=8, max_panels=6, progress=False)
+    result = pipeline.build(str(pages), str(tmp_path / "s.zarr"), options, max_panels=4, init_only=True)
+    assert (result.n_pages, result.done) == (8, 0)
+    ds = pipeline.open_pages(tmp_path / "s.zarr", done_only=False)
+    assert ds.sizes["panel"] == 4 and int(ds.attrs["chunk_pages"]) == 8
