@@ -148,7 +148,7 @@ def get_ready(inputs: Inputs, workers: Workers, opts: BuildOptions) -> Ready:
 
     store = inputs.store
     chunk_pages = inputs.chunk_pages or default_chunk_pages(inputs.n_pages, workers.task_slots)
-    check_store(workers.handle, store.location)  # before the model loads: a store only here is refused in seconds
+    check_store(workers.handle, store)  # before the model loads: a store only here is refused in seconds
     check_pages(workers.handle, inputs.source, opts.image_root, opts.max_panels)
     model = load_model(workers, inputs.model, opts)
     show_on_dashboard(workers, store, opts.image_root)

@@ -31,7 +31,6 @@ import socket
 import uuid
 
 from .store import Store
-from .store.location import StoreLocation
 
 #: Packages compared between client, scheduler and workers.
 PACKAGES = ("pagecube", "torch", "zarr", "xarray", "numpy", "dask", "distributed", "python", "cloudpickle", "msgpack")
@@ -158,7 +157,7 @@ def _one_line(why) -> str:
     return str(why)
 
 
-def check_store(handle, store: Store | StoreLocation) -> None:
+def check_store(handle, store: Store) -> None:
     """Every worker sees the same store as this machine (see the module docstring).
 
     Probes run in the workers' event loops (``client.run``), not as tasks: they
@@ -167,7 +166,6 @@ def check_store(handle, store: Store | StoreLocation) -> None:
     client = handle.client
     if client is None:
         return
-    store = Store.open(store)
     if store.is_local:
         _check_local_store(client, store)
         return

@@ -46,8 +46,8 @@ def expected_settings(model: str, checkpoint: str | None, seed: int, embedding_d
 
 def refuse_other_settings(store, existing, **settings) -> None:
     """Raise ``BadArgument`` (one line, short digests) when ``existing`` (the store's ``StoreConfig``)
-    was made with settings other than those of :func:`expected_settings`; ``store`` (a ``Store`` or
-    the build's ``StoreLocation``) is only named in the message."""
+    was made with settings other than those of :func:`expected_settings`; ``store`` is only named
+    in the message."""
     expected = expected_settings(**settings)
     diffs = [f"{key} {short_digest(getattr(existing, key))!r} (store) vs {short_digest(value)!r} (this build)"
              for key, value in expected.items() if getattr(existing, key) != value]

@@ -70,6 +70,6 @@ def _end_page(client, store: Store, state: str, reason: str = "") -> None:
     from .watch import show_the_end
 
     try:
-        show_the_end(client, store.location, state, reason)
+        show_the_end(client, store, state, reason)
     except Exception:  # noqa: BLE001 - the scheduler may be gone already (the reason the build stopped)
         pass

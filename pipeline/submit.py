@@ -112,91 +112,122 @@ def _lease_lost(exc: BaseException) -> bool:
 
 def run_tasks(plan, source, job, handle, resources, bar, reasons, lease=None,
               no_workers_timeout: float | None = None) -> list[Receipt]:
+    """Every task of ``plan``, its receipt taken as it comes: in this process for ``--cluster sync``,
+    else through a bounded window on the cluster."""
+    if handle.client is None:
+        return _run_here(plan, source, job, bar, reasons, lease)
+    return _Window(handle, job, source, resources).run(plan, bar, reasons, lease, no_workers_timeout)
+
+
+def _run_here(plan, source, job, bar, reasons, lease) -> list[Receipt]:
+    """``--cluster sync``: one task after the other, failures settled as on a cluster."""
     receipts: list[Receipt] = []
     store = job.store
-    client = handle.client
-    if client is None:
-        for task in plan.tasks:
-            check_lease(lease)
-            d = dask.delayed(run_chunk, pure=False)(task, source.slice(task.start, task.stop), job,
-                                                    dask_key_name=f"{task.key}-{job.run_id}")
-            try:
-                receipt = d.compute(scheduler="sync")
-            except Exception as exc:  # as on a cluster: the range's pages fail with the reason, the build goes on
-                if _lease_lost(exc):
-                    raise
-                _stop_if_world(exc, job)
-                receipt = fail_range(store, job, task, task_failure(exc, task))
-            _stop_if_stopped(receipt)
-            receipts.append(receipt)
-            take_receipt(receipt, bar, reasons)
-        return receipts
+    for task in plan.tasks:
+        check_lease(lease)
+        d = dask.delayed(run_chunk, pure=False)(task, source.slice(task.start, task.stop), job,
+                                                dask_key_name=f"{task.key}-{job.run_id}")
+        try:
+            receipt = d.compute(scheduler="sync")
+        except Exception as exc:  # as on a cluster: the range's pages fail with the reason, the build goes on
+            if _lease_lost(exc):
+                raise
+            _stop_if_world(exc, job)
+            receipt = fail_range(store, job, task, task_failure(exc, task))
+        _stop_if_stopped(receipt)
+        receipts.append(receipt)
+        take_receipt(receipt, bar, reasons)
+    return receipts
 
-    from distributed import as_completed
 
-    from cluster import WorkerWatch, no_workers_timeout as default_timeout
+class _Window:
+    """A bounded window of tasks on a cluster: ``WINDOW_PER_THREAD`` per worker thread in flight, topped
+    up as receipts come back, a task whose worker died submitted afresh (``settle``)."""
 
-    watch = WorkerWatch(client, default_timeout(handle.kind, no_workers_timeout), resources)
-    threads = max(1, sum(client.nthreads().values()))
-    window = max(2, WINDOW_PER_THREAD * threads)
-    todo = iter(plan.tasks)
+    def __init__(self, handle, job: JobSpec, source, resources):
+        self.handle, self.client, self.job, self.source, self.resources = handle, handle.client, job, source, resources
+        self.store = job.store
+        self.killed: dict = {}  # task -> times it was submitted afresh after its worker died
+        self.ac = None
 
-    def submit(task, attempt: int = 0):
+    def submit(self, task, attempt: int = 0):
         again = f"-again{attempt}" if attempt else ""
-        d = dask.delayed(run_chunk_marked, pure=False)(task, source.slice(task.start, task.stop), job,
-                                                        dask_key_name=f"{task.key}-{job.run_id}{again}")
-        fut = client.compute(d, retries=TASK_RETRIES, resources=resources)
+        d = dask.delayed(run_chunk_marked, pure=False)(task, self.source.slice(task.start, task.stop), self.job,
+                                                        dask_key_name=f"{task.key}-{self.job.run_id}{again}")
+        fut = self.client.compute(d, retries=TASK_RETRIES, resources=self.resources)
         fut.pagecube_task = task
         return fut
 
-    # no list of the first futures is kept: a finished future held here keeps its result pinned to
-    # its worker, and a worker death would then recompute it
-    ac = as_completed([submit(t) for _, t in zip(range(window), todo)])
-    killed: dict = {}
-    try:
-        for fut in finished(ac, watch):
-            task = fut.pagecube_task
-            check_lease(lease)
-            try:
-                receipt = result(fut, watch)
-            except Exception as exc:
-                if _lease_lost(exc):
-                    raise LeaseLost(str(exc).splitlines()[0]) from None
-                if fut.status == "cancelled" or _cancelled(exc):  # never a page's failure
-                    why = re.search(r"cancelled for reason: ([\w-]+)", str(exc))
-                    raise WorldStop("scheduler", _scheduler_address(client), "scheduler-lost",
-                                    f"the futures were cancelled: {why.group(1)}" if why else _one_line(exc)) from None
-                _stop_if_world(exc, job)
-                deaths = 0
-                if type(exc).__name__ == "KilledWorker":
-                    deaths = store.deaths_running(task.chunk)
-                    if deaths < DEATHS_TO_FAIL and killed.get(task, 0) < KILLED_RESUBMITS:
-                        killed[task] = killed.get(task, 0) + 1
-                        say(f"pagecube: a worker died while holding pages [{task.start}, {task.stop}); "
-                             "running them again in a fresh task")
-                        ac.add(submit(task, killed[task]))
-                        continue
-                receipt = fail_range(store, job, task, task_failure(exc, task, deaths))
-                try:  # the scheduler's page counters count these failures too
-                    client.log_event("pagecube", {"done": 0, "failed": receipt.failed})
-                except Exception:  # pragma: no cover - counting never fails a build
-                    pass
-            _stop_if_stopped(receipt)
-            receipts.append(receipt)
-            take_receipt(receipt, bar, reasons)
-            nxt = next(todo, None)
-            if nxt is not None:
-                ac.add(submit(nxt))
-    except BaseException as exc:
+    def run(self, plan, bar, reasons, lease, no_workers_timeout) -> list[Receipt]:
+        from distributed import as_completed
+
+        from cluster import WorkerWatch, no_workers_timeout as default_timeout
+
+        client = self.client
+        watch = WorkerWatch(client, default_timeout(self.handle.kind, no_workers_timeout), self.resources)
+        window = max(2, WINDOW_PER_THREAD * max(1, sum(client.nthreads().values())))
+        todo = iter(plan.tasks)
+        receipts: list[Receipt] = []
+        # no list of the first futures is kept: a finished future held here keeps its result pinned to
+        # its worker, and a worker death would then recompute it
+        self.ac = as_completed([self.submit(t) for _, t in zip(range(window), todo)])
         try:
-            client.cancel(list(ac.futures))
+            for fut in finished(self.ac, watch):
+                check_lease(lease)
+                try:
+                    receipt = result(fut, watch)
+                except Exception as exc:
+                    receipt = self.settle(fut, exc)
+                    if receipt is None:
+                        continue  # submitted afresh
+                _stop_if_stopped(receipt)
+                receipts.append(receipt)
+                take_receipt(receipt, bar, reasons)
+                nxt = next(todo, None)
+                if nxt is not None:
+                    self.ac.add(self.submit(nxt))
+        except BaseException as exc:
+            self.cancel_all(exc)
+            raise
+        return receipts
+
+    def settle(self, fut, exc: Exception) -> Receipt | None:
+        """A task that raised: a lost lease or a fault of the world stops the build; a task whose worker
+        died is submitted afresh (None) until the deaths are its own; else its pages fail with the reason."""
+        task = fut.pagecube_task
+        if _lease_lost(exc):
+            raise LeaseLost(str(exc).splitlines()[0]) from None
+        if fut.status == "cancelled" or _cancelled(exc):  # never a page's failure
+            why = re.search(r"cancelled for reason: ([\w-]+)", str(exc))
+            raise WorldStop("scheduler", _scheduler_address(self.client), "scheduler-lost",
+                            f"the futures were cancelled: {why.group(1)}" if why else _one_line(exc)) from None
+        _stop_if_world(exc, self.job)
+        deaths = 0
+        if type(exc).__name__ == "KilledWorker":
+            deaths = self.store.deaths_running(task.chunk)
+            if deaths < DEATHS_TO_FAIL and self.killed.get(task, 0) < KILLED_RESUBMITS:
+                self.killed[task] = self.killed.get(task, 0) + 1
+                say(f"pagecube: a worker died while holding pages [{task.start}, {task.stop}); "
+                    "running them again in a fresh task")
+                self.ac.add(self.submit(task, self.killed[task]))
+                return None
+        receipt = fail_range(self.store, self.job, task, task_failure(exc, task, deaths))
+        try:  # the scheduler's page counters count these failures too
+            self.client.log_event("pagecube", {"done": 0, "failed": receipt.failed})
+        except Exception:  # pragma: no cover - counting never fails a build
+            pass
+        return receipt
+
+    def cancel_all(self, exc: BaseException) -> None:
+        """The build stops: cancel what is in flight; a client that lost its scheduler says so."""
+        client = self.client
+        try:
+            client.cancel(list(self.ac.futures))
         except Exception:  # noqa: BLE001 - a client that lost its scheduler cannot cancel: say why it stopped
             pass
         if isinstance(exc, Exception) and not isinstance(exc, WorldStop) and not _lease_lost(exc) \
                 and client.status not in ("running", "newly-created"):
             raise WorldStop("scheduler", _scheduler_address(client), "scheduler-lost", _one_line(exc)) from None
-        raise
-    return receipts
 
 
 def _one_line(exc: BaseException) -> str:

@@ -147,7 +147,7 @@ def show_on_dashboard(workers: Workers, store, image_root: str | None) -> None:
         return
     install_event_counters(client, "pagecube", METRICS, namespace="pagecube_pages")
     try:
-        link = install_page(client, store.location, image_root, workers.dashboard_link)
+        link = install_page(client, store, image_root, workers.dashboard_link)
     except Exception as exc:  # noqa: BLE001 - e.g. a scheduler that cannot import pagecube's page
         say(f"pagecube: warning: no pagecube page on the dashboard ({type(exc).__name__}: {exc})".splitlines()[0])
         return

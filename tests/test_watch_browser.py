@@ -27,6 +27,7 @@ from browser import Watched, browser
 from conftest import CLI, ROOT, cli_env, run_cli
 from pipeline import readers
 from pipeline.store import index as chunk_index
+from pipeline.store import Store
 from pipeline.store.location import StoreLocation
 from pipeline.watch.web import CACHE_S
 
@@ -232,7 +233,7 @@ def test_page_shows_a_stopped_build_with_its_reason(pages64, tmp_path):
     out = tmp_path / "stopped.zarr"
     pipeline.build(str(pages64), str(out), cluster="sync", chunk_pages=CHUNK, model="tiny", progress=False,
                    init_only=True)
-    loc = StoreLocation.of(str(out))
+    loc = Store.open(str(out))
     with LocalCluster(n_workers=0, processes=False, protocol="tcp", host="127.0.0.1",
                       dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:

@@ -15,7 +15,6 @@ has been sent the final snapshot (a few seconds at most), so the page's last wor
 from __future__ import annotations
 
 from ..store import Store
-from ..store.location import StoreLocation
 
 __all__ = ["install_page", "serve_store", "show_the_end"]
 
@@ -23,18 +22,18 @@ __all__ = ["install_page", "serve_store", "show_the_end"]
 END_WAIT_S = 8.0
 
 
-def install_page(client, store: Store | StoreLocation, image_root: str | None, dashboard_link: str | None
+def install_page(client, store: Store, image_root: str | None, dashboard_link: str | None
                  ) -> str | None:
     """Serve the page for ``store`` on the client's scheduler; its URL (None without a dashboard)."""
     from cluster.http import install_routes, page_link
 
     from .web import PAGE_PATH, WatchPlugin
 
-    install_routes(client, WatchPlugin(Store.open(store), image_root=image_root))
+    install_routes(client, WatchPlugin(store, image_root=image_root))
     return page_link(dashboard_link, PAGE_PATH)
 
 
-def show_the_end(client, store: Store | StoreLocation, state: str, reason: str = "",
+def show_the_end(client, store: Store, state: str, reason: str = "",
                  wait_s: float = END_WAIT_S) -> int:
     """Tell the page on the client's scheduler that the build ended (``finished`` or ``stopped``, and why),
     then wait until every open page has been sent a snapshot taken after that, at most ``wait_s``.
@@ -45,7 +44,7 @@ def show_the_end(client, store: Store | StoreLocation, state: str, reason: str =
 
     from .web import end_on_scheduler, waiting_on_scheduler
 
-    url = Store.open(store).url
+    url = store.url
     deadline = time.monotonic() + wait_s
     left = lambda: max(0.5, deadline - time.monotonic())  # noqa: E731 - a scheduler that went away costs no more
     waiting = client.run_on_scheduler(end_on_scheduler, url=url, state=state, reason=reason,
