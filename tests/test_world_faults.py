@@ -28,7 +28,7 @@ STOPPED = 75
 VARS = ("status", "page_embeddings", "panel_embeddings", "attention_weights", "reading_order",
         "panel_coordinates", "text_content", "panel_mask", "n_panels", "page_id")
 #: tasks give a fault of the world this long before the build stops (the default is minutes)
-QUICK = {"PAGECUBE_WORLD_RETRY_S": "1.5", "FAULTKIT_DELAY": "0.15"}
+QUICK = {"PAGECUBE_WORLD_RETRY_S": "1.5", "FAULTKIT_DELAY": "0.15", "PAGECUBE_STORE_WRITE_S": "10"}
 COMMON = ["--cluster", "sync", "--chunk-pages", "8", "--batch-size", "4", "--model", MODEL, "--no-progress"]
 
 
@@ -388,6 +388,39 @@ def _finish(proc, timeout=120) -> tuple[str, str]:
             proc.wait(10)
 
 
+def test_a_write_into_a_stalled_s3_server_ends_within_its_step_bound(moto, monkeypatch):
+    """A region whose body a stalled S3 server stops reading (its socket buffers fill) is not bounded by
+    the S3 client's read timeout: the write step is, by ``PAGECUBE_STORE_WRITE_S``, and it fails as the
+    store timing out (a fault of the world), not as a hang."""
+    import time
+
+    from pipeline.faults import classify
+    from pipeline.store import Store, StoreConfig
+
+    monkeypatch.setenv("PAGECUBE_STORE_WRITE_S", "3")
+    moto.fs.mkdir("cubes")
+    options = {**moto.options, "config_kwargs": {"connect_timeout": 0.5, "read_timeout": 0.5,
+                                                 "retries": {"max_attempts": 1}}}
+    store = Store.open("s3://cubes/big.zarr", options)
+    config = StoreConfig(n_pages=8, chunk_pages=8, max_panels=64, embedding_dim=2048, embedding_dtype="float32",
+                         model="m", weights_digest="w", input_digest="i")
+    store.create(config, {})
+    writer = store.writer("run-1")
+    rng = np.random.default_rng(0)  # incompressible: 4 MiB of panel embeddings in one chunk
+    region = {"panel_embeddings": rng.standard_normal((8, 64, 2048)).astype("float32"),
+              "status": np.ones(8, dtype=np.int8)}
+    moto.signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"did not take pages \[0, 8\) of panel_embeddings within 3 s") as got:
+            writer.write(region, 0, 8, 8)
+        assert time.monotonic() - t0 < 10
+    finally:
+        moto.signal(signal.SIGCONT)
+    assert classify(got.value).kind == "timeout"
+    assert (writer.read("status", 0, 8) == 0).all()  # status was never written: the pages stay pending
+
+
 def test_s3_store_stalled_stops_then_resumes(moto, clean48, tmp_path, monkeypatch):
     """The store's S3 server stops answering (SIGSTOP) for longer than the tasks retry: the build stops,
     naming the store; once it answers again the same command finishes every page."""
@@ -448,6 +481,21 @@ def _s3_arrays(moto, root: str, *names):
     return [g[n][:] for n in names]
 
 
+def _stopped_after_two_chunks(cmd, moto, store, fault) -> str:
+    """Run ``cmd``, call ``fault()`` once two chunks are finished; the build must stop (exit 75) with one line."""
+    proc = _popen(cmd, moto)
+    try:
+        wait_for(lambda: len(index_entries(store)) >= 2 if (store / "_pagecube" / "chunks").exists() else False,
+                 90, "two chunks", proc)
+        fault()
+        out, err = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == STOPPED, err[-3000:]
+    return _one_stop_line(err)
+
+
 def test_s3_pages_refusing_connections_then_back(moto, clean48, tmp_path, monkeypatch):
     """The S3 server that holds the pages is killed mid-build (connections refused): the build stops,
     naming that location; started again on the same port with the pages, the same command finishes."""
@@ -455,17 +503,7 @@ def test_s3_pages_refusing_connections_then_back(moto, clean48, tmp_path, monkey
     _s3_pages(moto, pages, "pages")
     store = tmp_path / "r.zarr"
     cmd = _s3_build(moto, "s3://pages/pages.txt", str(store))
-    proc = _popen(cmd, moto)
-    try:
-        wait_for(lambda: len(index_entries(store)) >= 2 if (store / "_pagecube" / "chunks").exists() else False,
-                 90, "two chunks", proc)
-        moto.kill()
-        out, err = _finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == STOPPED, err[-3000:]
-    line = _one_stop_line(err)
+    line = _stopped_after_two_chunks(cmd, moto, store, moto.kill)
     assert re.fullmatch(r"pagecube: the (page list|image location) s3://pages\S* is unreachable \(.+\); "
                         r"\d+ of 48 pages are done and kept; run the same command once it answers again", line), line
     status_before, written_before = read(store, "status", "written_at")
@@ -491,17 +529,7 @@ def test_image_bucket_taken_away_and_restored(moto, tmp_path, monkeypatch):
     moto.fs.rm("imgs/images/page_00003.jpg")  # one image 404: a page fault, as ever
     store = tmp_path / "b.zarr"
     cmd = _s3_build(moto, str(pages), str(store))
-    proc = _popen(cmd, moto)
-    try:
-        wait_for(lambda: len(index_entries(store)) >= 2 if (store / "_pagecube" / "chunks").exists() else False,
-                 90, "two chunks", proc)
-        moto.reset()
-        out, err = _finish(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == STOPPED, err[-3000:]
-    line = _one_stop_line(err)
+    line = _stopped_after_two_chunks(cmd, moto, store, moto.reset)
     assert re.fullmatch(r"pagecube: the image location s3://imgs/images is gone \(the folder or bucket does not "
                         r"exist\) \(image not found: s3://imgs/images/page_\d+\.jpg\); \d+ of 48 pages are done "
                         r"and kept; restore it and run the same command", line), line

@@ -10,6 +10,7 @@ temp file and renames it.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import numpy as np
@@ -19,9 +20,24 @@ from ..plan import check_aligned
 from .location import StoreLocation, quiet_zarr_warnings
 from .schema import DATA_VARS
 
+#: The longest one write step may take (every data variable of a region, then ``written_at``, then
+#: ``status``) before it counts as the store not answering, a fault of the world (``pipeline.faults``):
+#: an S3 client's read timeout does not bound a request whose body a stalled server stopped reading.
+#: The step is cancelled, so nothing of it lands later.
+WRITE_STEP_ENV = "PAGECUBE_STORE_WRITE_S"
+DEFAULT_WRITE_STEP_S = 120.0
+
 _groups: dict[tuple[str, str], zarr.Group] = {}
 _arrays: dict[tuple[int, str], zarr.Array] = {}
 _groups_lock = threading.Lock()
+
+
+def write_step_seconds() -> float:
+    try:
+        value = float(os.environ.get(WRITE_STEP_ENV, "") or DEFAULT_WRITE_STEP_S)
+    except ValueError:
+        value = DEFAULT_WRITE_STEP_S
+    return value if value > 0 else DEFAULT_WRITE_STEP_S
 
 
 def open_store_group(loc: StoreLocation, run_id: str) -> zarr.Group:
@@ -96,7 +112,12 @@ def _put_together(group: zarr.Group, names: list[str], data_for, start: int, sto
         from zarr.core.sync import sync
 
         async def put_all():
-            await asyncio.gather(*(t._async_array.setitem(slice(start, stop), d) for t, d in zip(targets, datas)))
+            puts = asyncio.gather(*(t._async_array.setitem(slice(start, stop), d) for t, d in zip(targets, datas)))
+            try:
+                await asyncio.wait_for(puts, write_step_seconds())
+            except asyncio.TimeoutError:
+                raise TimeoutError(f"the store did not take pages [{start}, {stop}) of {', '.join(names)} "
+                                   f"within {write_step_seconds():g} s ({WRITE_STEP_ENV})") from None
 
         sync(put_all())
         return
