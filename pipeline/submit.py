@@ -303,12 +303,13 @@ def task_failure(exc: BaseException, task, deaths: int = 0) -> str:
 
 def fail_range(store: Store, job: JobSpec, task, reason: str) -> Receipt:
     """A task that kept failing (or killing workers): its unfinished pages become failed, with the reason."""
-    from .store.index import ChunkEntry
-    from .store.schema import STATUS_DONE, STATUS_FAILED, region_counts
+    from .store.schema import STATUS_DONE, STATUS_FAILED
+    from .task_write import record_chunks
 
     store.fence(job.run_id)
     group = store.writer(job.run_id + "-client").group
-    status = group["status"][task.start:task.stop]
+    before = group["status"][task.start:task.stop]
+    status = before.copy()
     todo = status != STATUS_DONE
     error = group["error"][task.start:task.stop]
     error[todo] = reason
@@ -316,8 +317,6 @@ def fail_range(store: Store, job: JobSpec, task, reason: str) -> Receipt:
     group["error"][task.start:task.stop] = error
     group["status"][task.start:task.stop] = status
     done = int((status == STATUS_DONE).sum())
-    for offset in range(0, len(task), job.chunk_pages):
-        store.record_chunk(ChunkEntry(task.chunk + offset // job.chunk_pages,
-                                      *region_counts(status[offset: offset + job.chunk_pages])))
+    record_chunks(store, before, status, task, job.chunk_pages)
     store.clear_running(task.chunk)
     return Receipt(task.start, task.stop, done, int(todo.sum()), reasons=(reason,))
