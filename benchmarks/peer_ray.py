@@ -18,7 +18,7 @@ benchmark only, e.g. in a separate virtual environment that can also import
 pagecube's dependencies, and point ``--ray-python`` at its interpreter::
 
     python -m venv /some/where/rayenv
-    /some/where/rayenv/bin/pip install "ray[data]" torch numpy pillow pydantic fsspec zarr
+    /some/where/rayenv/bin/pip install "ray[data]" torch numpy pillow simplejpeg safetensors pydantic fsspec zarr
     python benchmarks/peer_ray.py --ray-python /some/where/rayenv/bin/python
 
 Without Ray the benchmark says so and measures pagecube alone.

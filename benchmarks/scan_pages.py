@@ -71,10 +71,14 @@ def step_ms(model, refs, before: bool) -> dict[str, float]:
         header_ = images.open_image(raw, MAX_IMAGE_PIXELS)
         page = page_from_manifest(m, header_.size, model.info.max_panels)
         side = None if before else model.panel_side
-        page.image, page.image_scale = images.decode(header_, images.reduction_for(page.boxes, page.size, side))
+        reduction = images.reduction_for(page.boxes, page.size, side)
+        page.image, page.image_scale, page.pixels = images.decode(header_, reduction, raw=None if before else raw)
         t2 = clock()
         crop = getattr(model, "crop_size", None) or model.image_size
-        (pil_crops if before else images.crop_panels)(page.image, page.image_boxes(), crop)
+        if before:
+            pil_crops(page.image, page.image_boxes(), crop)
+        else:
+            images.crop_panels(page.rgb(), page.image_boxes(), crop)
         t3 = clock()
         if not before:
             model.prepare(page)
@@ -82,7 +86,7 @@ def step_ms(model, refs, before: bool) -> dict[str, float]:
             rest = (t4 - t3) - (t3 - t2)
         else:
             t4 = clock()
-            images.crop_panels(page.image, page.image_boxes(), crop)
+            images.crop_panels(page.rgb(), page.image_boxes(), crop)
             t5 = clock()
             model.prepare(page)
             rest = (clock() - t5) - (t5 - t4)

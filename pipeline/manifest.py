@@ -174,7 +174,7 @@ def load_image(path: str, storage_options: dict | None = None) -> Image.Image:
     """The whole image at full size, RGB (for drawing a page; builds decode at the model's size)."""
     raw = read_image_bytes(path, storage_options)
     try:
-        return images.decode(images.open_image(raw, MAX_IMAGE_PIXELS), 1)[0]
+        return images.decode(images.open_image(raw, MAX_IMAGE_PIXELS), 1, raw=raw).image
     except images.ImageDecodeError as err:
         raise _why(path, err) from None
 
@@ -258,7 +258,7 @@ def read_page(ref: PageRef, *, max_panels: int, image_root: str | None = None,
         orientation = images.orientation_for(header, declared)
         page = page_from_manifest(manifest, images.upright_size(header, orientation), max_panels)
         reduction = images.reduction_for(page.boxes, page.size, panel_side)
-        page.image, page.image_scale = images.decode(header, reduction, orientation)
+        page.image, page.image_scale, page.pixels = images.decode(header, reduction, orientation, raw)
         page.image_path = image_path
     except images.ImageDecodeError as err:
         raise _why(image_path, err) from None

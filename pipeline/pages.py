@@ -34,6 +34,7 @@ class Page:
     image_scale: float = 1.0  # image pixels per page pixel: 1/2, 1/4 or 1/8 when decoded for a model's crops
     page_size: tuple[int, int] | None = None  # (width, height) of the full page, the frame of ``boxes``
     image_path: str = ""  # where the image was read (its folder vanishing mid-task is the world's fault)
+    pixels: np.ndarray | None = None  # ``image`` as uint8 [H, W, 3] when the decoder made it first (JPEGs)
 
     @property
     def n_kept(self) -> int:
@@ -43,6 +44,13 @@ class Page:
     def size(self) -> tuple[int, int]:
         """The full page's (width, height) in pixels, whatever size the image was decoded at."""
         return self.page_size if self.page_size is not None else self.image.size
+
+    def rgb(self) -> np.ndarray:
+        """The decoded image as uint8 ``[H, W, 3]``: the decoder's own array where it made one, else
+        copied out of ``image`` (what the built-in models crop from)."""
+        if self.pixels is not None:
+            return self.pixels
+        return np.array(self.image if self.image.mode == "RGB" else self.image.convert("RGB"))
 
     def image_boxes(self) -> np.ndarray:
         """``boxes`` in the decoded image's pixels (what a model crops)."""

@@ -64,7 +64,7 @@ class PageReader:
             page = read_page(ref, max_panels=self.job.max_panels, image_root=self.job.image_root,
                              storage_options=self.job.storage_options, panel_side=self.side)
             prepared = self.model.prepare(page)
-            page.image = None  # the decoded page is not needed past prepare: free it now
+            page.image = page.pixels = None  # the decoded page is not needed past prepare: free it now
             return page, prepared, None, None
         except Exception as exc:  # a bad page must never fail its chunk
             reason = str(exc) if isinstance(exc, PageError) else f"{type(exc).__name__}: {exc}"

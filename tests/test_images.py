@@ -33,7 +33,7 @@ def _ref(listing: Path, i: int = 0):
 
 
 def _crops(page, side: int) -> np.ndarray:
-    return images.crop_panels(page.image, page.image_boxes(), side)
+    return images.crop_panels(page.rgb(), page.image_boxes(), side)
 
 
 def _close(a: np.ndarray, b: np.ndarray) -> float:
@@ -120,6 +120,41 @@ def test_other_modes_and_formats_crop_alike_at_any_scale(scans, tmp_path, kind):
     assert _close(_crops(small, 64), _crops(full, 64)) < TOLERANCE
     if kind == "png-alpha":
         assert (np.asarray(small.image)[:, :50] >= 250).all()  # white where the page was transparent
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_libjpeg_turbo_gives_pils_own_pixels_at_every_scale(scans, mode):
+    """The fast decode (simplejpeg, into numpy) is PIL's ``draft`` decode pixel for pixel, colour and
+    greyscale alike, and hands the built-in models that same array without a copy."""
+    import io
+
+    raw = (scans.parent / "images" / "page_00001.jpg").read_bytes()
+    if mode == "L":
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(raw)).convert("L").save(buf, "JPEG", quality=90)
+        raw = buf.getvalue()
+    for r in (1, 2, 4, 8):
+        fast = images.decode(images.open_image(raw, 10**9), r, raw=raw)
+        pil = images.decode(images.open_image(raw, 10**9), r)
+        assert fast.pixels is not None and pil.pixels is None
+        assert fast.scale == pil.scale == 1 / r
+        np.testing.assert_array_equal(fast.pixels, np.asarray(pil.image))
+        np.testing.assert_array_equal(np.asarray(fast.image), fast.pixels)
+
+
+def test_a_jpeg_libjpeg_only_warns_about_still_decodes(scans, tmp_path):
+    """Bytes after the image's end marker make libjpeg-turbo warn (the strict fast path refuses); PIL
+    decodes such a page as it always did, so the page is built, not failed."""
+    folder = tmp_path / "pages"
+    shutil.copytree(scans.parent, folder)
+    jpeg = folder / "images" / "page_00000.jpg"
+    data = jpeg.read_bytes()
+    jpeg.write_bytes(data[:-2] + b"\x00" * 64 + data[-2:])  # extraneous bytes before the EOI marker
+    clean = read_page(_ref(scans), max_panels=12, panel_side=64)
+    page = read_page(_ref(folder / "pages.txt"), max_panels=12, panel_side=64)
+    assert page.pixels is None and clean.pixels is not None  # PIL decoded it, the fast path refused
+    assert page.image_scale == clean.image_scale < 1
+    assert _close(_crops(page, 64), _crops(clean, 64)) < 1.0
 
 
 def test_exif_rotated_scan_is_turned_when_the_manifest_says_so(scans, tmp_path):

@@ -326,5 +326,5 @@ def test_scan_pages_on_s3_are_decoded_at_the_models_size_as_on_disk(s3):
         on_s3 = read_page(b, max_panels=12, panel_side=56, storage_options=s3.options)
         assert on_s3.image_scale == on_disk.image_scale < 1
         assert on_s3.image.size == on_disk.image.size
-        np.testing.assert_array_equal(crop_panels(on_s3.image, on_s3.image_boxes(), 64),
-                                      crop_panels(on_disk.image, on_disk.image_boxes(), 64))
+        np.testing.assert_array_equal(crop_panels(on_s3.rgb(), on_s3.image_boxes(), 64),
+                                      crop_panels(on_disk.rgb(), on_disk.image_boxes(), 64))

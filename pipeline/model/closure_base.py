@@ -177,11 +177,10 @@ class ClosureBaseModel:
         self.panel_side = least_side(self.image_size)  # pages are decoded just large enough for these crops
 
     def prepare(self, page) -> BasePrepared:
-        image = page.image if page.image.mode == "RGB" else page.image.convert("RGB")
         boxes = np.asarray(page.boxes, dtype=np.float32).reshape(-1, 4)[: self.info.max_panels]
         n = boxes.shape[0]
         s = self.image_size
-        crops = crop_panels(image, page.image_boxes()[:n], s)
+        crops = crop_panels(page.rgb(), page.image_boxes()[:n], s)
         texts = [(t or "") for t in list(page.texts)[:n]] + [""] * max(0, n - len(page.texts))
         ids = [self.tokens.encode_ids(t, self.max_tokens) for t in texts]
         return BasePrepared(crops, ids, boxes, page.size)

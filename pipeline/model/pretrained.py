@@ -266,14 +266,13 @@ class PretrainedModel:
 
     # CPU, per page, thread-safe
     def prepare(self, page) -> PretrainedPrepared:
-        image = page.image if page.image.mode == "RGB" else page.image.convert("RGB")
         boxes = np.asarray(page.boxes, dtype=np.float32).reshape(-1, 4)[: self.info.max_panels]
         n = boxes.shape[0]
         s = self.crop_size
         if n:
-            crops = crop_panels(image, page.image_boxes()[:n], s)
+            crops = crop_panels(page.rgb(), page.image_boxes()[:n], s)
         else:
-            crops = np.asarray(image.resize((s, s), Image.BILINEAR), dtype=np.uint8)[None]
+            crops = np.asarray(page.image.convert("RGB").resize((s, s), Image.BILINEAR), dtype=np.uint8)[None]
         texts = [(t or "").strip() for t in list(page.texts)[:n]] + [""] * max(0, n - len(page.texts))
         nonempty = [i for i, t in enumerate(texts) if t]
         ids = [np.zeros(0, dtype=np.int64) for _ in range(n)]

@@ -46,7 +46,8 @@ class PageModel(Protocol):
     device: str
     #: Optional: the side in pixels that panel crops are resized to.  Pages are then decoded just
     #: large enough that every crop keeps at least this many pixels a side (JPEG DCT scaling), and
-    #: ``prepare`` gets ``page.image`` at ``page.image_scale`` of the page: crop ``page.image_boxes()``.
+    #: ``prepare`` gets ``page.image`` at ``page.image_scale`` of the page: crop ``page.image_boxes()``
+    #: (``page.rgb()``: the same image as a uint8 [H, W, 3] array, without a copy where the decoder made it).
     #: A model without it gets the full image (``image_scale == 1``).
     panel_side: int | None
 

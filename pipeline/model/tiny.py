@@ -136,10 +136,9 @@ class TinyModel:
         self.text_bytes = text_bytes
 
     def prepare(self, page) -> TinyPrepared:
-        image = page.image if page.image.mode == "RGB" else page.image.convert("RGB")
         boxes = np.asarray(page.boxes, dtype=np.float32).reshape(-1, 4)[: self.info.max_panels]
         n = boxes.shape[0]
-        crops = crop_panels(image, page.image_boxes()[:n], self.crop_size)
+        crops = crop_panels(page.rgb(), page.image_boxes()[:n], self.crop_size)
         texts = list(page.texts)[:n] + [""] * max(0, n - len(page.texts))
         tokens = np.stack([encode_text(t or "", self.text_bytes) for t in texts]) if n else (
             np.zeros((0, self.text_bytes), dtype=np.int16)
