@@ -155,6 +155,27 @@ def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = No
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def communicate_or_stacks(proc: subprocess.Popen, timeout: float, piddir: Path | None = None) -> tuple[str, str]:
+    """``proc.communicate(timeout)``; a command still running then fails the test with every thread's
+    stack of it and of its live workers (``kill -USR1``, see ``cluster.interrupts``), not a bare timeout."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import signal
+
+        pids = [proc.pid] + ([int(p.name) for p in piddir.iterdir()] if piddir and piddir.exists() else [])
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        time.sleep(2)
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"the command did not end within {timeout:g} s; its threads' stacks "
+                             f"(client and live workers):\n{err[-20000:]}") from None
+
+
 def run(*args) -> tuple[int, str, str]:
     """``pagecube ARGS`` in this process (fast: no interpreter start); returns (exit code, stdout, stderr)."""
     import contextlib

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from faultkit import MODEL, PAGECUBE, ROOT, env, index_entries, make_pages, popen_build, read, run, wait_for
+from faultkit import (MODEL, PAGECUBE, ROOT, communicate_or_stacks, env, index_entries, make_pages, popen_build, read,
+                      run, wait_for)
 
 VARS = ("status", "written_at", "page_embeddings", "panel_embeddings", "attention_weights", "reading_order",
         "panel_coordinates", "text_content", "panel_mask", "n_panels", "page_id", "error")
@@ -110,7 +111,7 @@ def test_worker_sigkill_and_a_page_that_kills_every_worker(tmp_path):
         pids = sorted(int(p.name) for p in piddir.iterdir())
         assert len(pids) >= 2
         os.kill(pids[0], signal.SIGKILL)  # a worker with tasks in flight
-        out, err = proc.communicate(timeout=240)
+        out, err = communicate_or_stacks(proc, 240, piddir)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -134,6 +135,34 @@ def test_worker_sigkill_and_a_page_that_kills_every_worker(tmp_path):
             np.testing.assert_allclose(a, b, atol=1e-5, err_msg=name)
         else:
             assert np.array_equal(a, b), name
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_build_goes_on(tmp_path):
+    """``kill -USR1`` on a running build, the client and a local worker: each prints its threads' stacks
+    to stderr (where the client waits, what the worker runs), and the build still finishes every page."""
+    pages = make_pages(tmp_path / "s", 32, seed=5)
+    store, piddir = tmp_path / "u.zarr", tmp_path / "pids"
+    proc = subprocess.Popen([*PAGECUBE, "build", str(pages), "--out", str(store), "--cluster", "local",
+                             "--workers", "2", "--threads-per-worker", "1", "--chunk-pages", "8",
+                             "--batch-size", "4", "--model", MODEL, "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env({"FAULTKIT_DELAY": "0.3", "FAULTKIT_PIDDIR": str(piddir)}))
+    try:
+        wait_for(lambda: len(_entries(store)) >= 1, 120, "a finished chunk", proc)
+        worker = int(sorted(piddir.iterdir())[0].name)
+        os.kill(proc.pid, signal.SIGUSR1)
+        os.kill(worker, signal.SIGUSR1)
+        out, err = communicate_or_stacks(proc, 120, piddir)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "32 done, 0 failed" in out
+    assert err.count("Current thread 0x") == 2, err[-3000:]  # one dump from each process signalled
+    # the client's main thread, waiting on its tasks; the worker's, in the process Dask's nanny started
+    assert re.search(r'File ".*pipeline/submit\.py", line \d+ in run\n', err), err[-3000:]
+    assert re.search(r'File ".*distributed/process\.py", line \d+ in _run', err), err[-3000:]
+    assert (np.asarray(read(store, "status")[0]) == 1).all()
 
 
 def test_no_worker_left_stops_the_build_with_one_line_then_resume(tmp_path):

@@ -17,6 +17,9 @@ EARLY_OPTIONS = ("--cluster", "--device", "--model", "--checkpoint")
 def main(argv: list[str] | None = None) -> int:
     """Run one ``pagecube`` command; returns its exit code (see :mod:`pipeline.cli.commands`)."""
     args = sys.argv[1:] if argv is None else list(argv)
+    from cluster.interrupts import stacks_on_sigusr1
+
+    stacks_on_sigusr1()  # kill -USR1 PID: where a command that seems stuck is waiting, thread by thread
     try:
         start_build_workers_early(args)
         from .commands import main as run_command
