@@ -40,12 +40,12 @@ class Batches:
             self.run(items)
 
     def run(self, items: list[tuple[int, object, object]]) -> None:
-        with phase(self.seconds, "inference"):
-            try:
+        try:
+            with phase(self.seconds, "inference"):
                 outs = _forward(self.model, [prepared for _, _, prepared in items])
-            except Exception:
-                self._isolate(items)
-                return
+        except Exception:
+            self._isolate(items)  # outside the phase: the reruns count their own time, once
+            return
         self._store(items, outs)
 
     def _isolate(self, items: list[tuple[int, object, object]]) -> None:

@@ -24,6 +24,8 @@ def meter(name: str):
 def phase(seconds: dict, name: str):
     """Time a phase for the receipt (added to ``seconds[name]``) and for Dask's metrics."""
     t0 = time.perf_counter()
-    with meter(name):
-        yield
-    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+    try:
+        with meter(name):
+            yield
+    finally:  # a phase that raised took its time too (a batch the model failed on, then rerun page by page)
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0

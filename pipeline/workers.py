@@ -54,6 +54,10 @@ class LoadedModel:
 @contextlib.contextmanager
 def open_workers(opts: BuildOptions, model: str) -> Iterator[Workers]:
     """The cluster ``opts.cluster`` with its workers joined and checked; closed on exit."""
+    # distributed's defaults must be in dask's config before the ``distributed.*`` settings below are set:
+    # imported inside them (a sync build imports it late), its whole section left with them on exit,
+    # and a later ``xr.open_zarr(...).load()`` in this process failed with KeyError: 'distributed'
+    import distributed  # noqa: F401
     from cluster import open_cluster
     from cluster.logs import dask_logs_to_file
 

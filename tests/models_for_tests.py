@@ -3,7 +3,9 @@
 ``counting_tiny`` appends the loading process id to ``$PAGECUBE_TEST_LOADLOG``
 so a test can count loads per worker process; ``slow_tiny`` sleeps in each
 forward so that a build lasts long enough to be watched or killed;
-``graded_attention`` gives attention weights spread far apart (for ``show``'s colours).
+``graded_attention`` gives attention weights spread far apart (for ``show``'s colours);
+``breaking_tiny`` sleeps like ``slow_tiny`` and then raises on any batch that holds a page whose id
+ends in 7.
 """
 from __future__ import annotations
 
@@ -66,6 +68,21 @@ class _Faulty(_Slow):
 
 def faulty_tiny(**kwargs):
     return _Faulty(build_tiny(**kwargs), 0.0)
+
+
+class _Breaking(_Faulty):
+    """``slow_tiny`` whose forward raises, after its sleep, for a batch holding a page whose id ends in 7."""
+
+    def forward(self, batch):
+        ids, inner = batch
+        time.sleep(self.delay)
+        if any(pid.endswith("7") for pid in ids):
+            raise ValueError("this model cannot take page " + next(p for p in ids if p.endswith("7")))
+        return self.inner.forward(inner)
+
+
+def breaking_tiny(**kwargs):
+    return _Breaking(build_tiny(**kwargs), float(os.environ.get("PAGECUBE_TEST_DELAY", "0.2")))
 
 
 class _Graded(_Slow):
