@@ -116,14 +116,19 @@ def decode(img: Image.Image, reduction: int, orientation: int = 1, raw: bytes | 
     crops.  Anything else, or a JPEG libjpeg-turbo only warns about, is decoded by PIL as before, so a
     damaged file fails with PIL's reason; a JPEG PIL cannot DCT-scale is decoded in full and reduced once.
     """
-    if raw is not None and img.format == "JPEG" and img.mode in ("RGB", "L"):
-        pixels = _turbo(raw, img.size, reduction)
-        if pixels is not None:
-            image = Image.fromarray(pixels)
-            scale = pixels.shape[1] / img.size[0]
-            if orientation in _UPRIGHT:
-                return Decoded(image.transpose(_UPRIGHT[orientation]), 1.0 / round(1 / scale))
-            return Decoded(image, 1.0 / round(1 / scale), pixels)
+    turbo = raw is not None and img.format == "JPEG" and img.mode in ("RGB", "L")
+    pixels = _turbo(raw, img.size, reduction) if turbo else None
+    if pixels is not None:
+        img, used = Image.fromarray(pixels), round(img.size[0] / pixels.shape[1])
+    else:
+        img, used = _pil_decode(img, reduction)
+    if orientation in _UPRIGHT:  # the array is of the stored frame: a turned page is cropped from the image
+        return Decoded(img.transpose(_UPRIGHT[orientation]), 1.0 / used)
+    return Decoded(img, 1.0 / used, pixels)
+
+
+def _pil_decode(img: Image.Image, reduction: int) -> tuple[Image.Image, int]:
+    """PIL's decode at ``1/reduction``, RGB: DCT-scaled where PIL can (JPEG), else reduced once after."""
     full = img.size
     used = 1
     if reduction > 1 and img.format == "JPEG":
@@ -140,9 +145,7 @@ def decode(img: Image.Image, reduction: int, orientation: int = 1, raw: bytes | 
         factor = reduction // used
         img = img.reduce(factor)
         used *= factor
-    if orientation in _UPRIGHT:
-        img = img.transpose(_UPRIGHT[orientation])
-    return Decoded(img, 1.0 / used)
+    return img, used
 
 
 def _turbo(raw: bytes, size: tuple[int, int], reduction: int) -> np.ndarray | None:

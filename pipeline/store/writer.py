@@ -113,11 +113,12 @@ def _put_together(group: zarr.Group, names: list[str], data_for, start: int, sto
 
         async def put_all():
             puts = asyncio.gather(*(t._async_array.setitem(slice(start, stop), d) for t, d in zip(targets, datas)))
+            limit = write_step_seconds()
             try:
-                await asyncio.wait_for(puts, write_step_seconds())
+                await asyncio.wait_for(puts, limit)
             except asyncio.TimeoutError:
                 raise TimeoutError(f"the store did not take pages [{start}, {stop}) of {', '.join(names)} "
-                                   f"within {write_step_seconds():g} s ({WRITE_STEP_ENV})") from None
+                                   f"within {limit:g} s ({WRITE_STEP_ENV})") from None
 
         sync(put_all())
         return
