@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -139,19 +140,27 @@ def test_worker_sigkill_and_a_page_that_kills_every_worker(tmp_path):
 
 def test_sigusr1_prints_every_threads_stack_and_the_build_goes_on(tmp_path):
     """``kill -USR1`` on a running build, the client and a local worker: each prints its threads' stacks
-    to stderr (where the client waits, what the worker runs), and the build still finishes every page."""
+    to stderr (where the client waits, what the worker runs), and the build still finishes every page.
+
+    The build is held mid-batch (``FAULTKIT_GATE``) while it is signalled, so both stacks are taken where
+    they must be; the two processes are signalled apart, as their dumps share one stderr."""
     pages = make_pages(tmp_path / "s", 32, seed=5)
-    store, piddir = tmp_path / "u.zarr", tmp_path / "pids"
+    store, piddir, gate = tmp_path / "u.zarr", tmp_path / "pids", tmp_path / "gate"
     proc = subprocess.Popen([*PAGECUBE, "build", str(pages), "--out", str(store), "--cluster", "local",
                              "--workers", "2", "--threads-per-worker", "1", "--chunk-pages", "8",
                              "--batch-size", "4", "--model", MODEL, "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=env({"FAULTKIT_DELAY": "0.3", "FAULTKIT_PIDDIR": str(piddir)}))
+                            env=env({"FAULTKIT_GATE": str(gate), "FAULTKIT_PIDDIR": str(piddir)}))
+    running = store / "_pagecube" / "running"
     try:
-        wait_for(lambda: len(_entries(store)) >= 1, 120, "a finished chunk", proc)
+        wait_for(lambda: running.exists() and len(list(running.iterdir())) >= 2, 120, "both workers' tasks", proc)
+        time.sleep(1.0)  # each task reads its first batch, then waits at the gate in forward
         worker = int(sorted(piddir.iterdir())[0].name)
         os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(0.5)
         os.kill(worker, signal.SIGUSR1)
+        time.sleep(0.5)
+        gate.touch()
         out, err = communicate_or_stacks(proc, 120, piddir)
     finally:
         if proc.poll() is None:
@@ -159,9 +168,11 @@ def test_sigusr1_prints_every_threads_stack_and_the_build_goes_on(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "32 done, 0 failed" in out
     assert err.count("Current thread 0x") == 2, err[-3000:]  # one dump from each process signalled
-    # the client's main thread, waiting on its tasks; the worker's, in the process Dask's nanny started
+    # the client's main thread, waiting on its tasks; the worker's, in the process Dask's nanny started,
+    # with its task in the model's forward
     assert re.search(r'File ".*pipeline/submit\.py", line \d+ in run\n', err), err[-3000:]
     assert re.search(r'File ".*distributed/process\.py", line \d+ in _run', err), err[-3000:]
+    assert re.search(r'File ".*faultkit\.py", line \d+ in forward', err), err[-3000:]
     assert (np.asarray(read(store, "status")[0]) == 1).all()
 
 
