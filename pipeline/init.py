@@ -18,6 +18,7 @@ from .options import BuildOptions
 from .plan import default_chunk_pages
 from .resume_check import refuse_other_settings
 from .startup import start_workers_early
+from .store.location import META_DIR
 from .store.store import Store
 from .store.template import StoreConfig
 from .submit import say
@@ -96,11 +97,19 @@ def _open_store(out: str, opts: BuildOptions) -> Store:
 
 
 def _refuse_foreign_folder(store: Store, out) -> None:
-    """A new store empties its folder first: never one that holds other files (``--out my-pages`` by mistake)."""
+    """A new store empties its folder first: never one that holds other files (``--out my-pages`` by mistake).
+
+    Judged on one listing: a build creating a store writes its ``_pagecube/`` lock before anything else,
+    so a listing that shows its files shows that too.  (Asking "a store? bookkeeping? other files?" one
+    after another let a build racing another for a new store see the winner's first files and call them
+    foreign, where it must be refused as locked.)"""
     fs = store.fs
-    if store.exists() or store.has_bookkeeping() or not fs.exists(store.root) or not fs.isdir(store.root):
+    fs.invalidate_cache(store.root)
+    try:
+        names = {name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(store.root, detail=False)}
+    except (FileNotFoundError, NotADirectoryError):
         return
-    if fs.ls(store.root, detail=False):
+    if names and not names & {"zarr.json", META_DIR} and fs.isdir(store.root):
         raise BadArgument(f"--out {out} is a folder that holds other files, not a pagecube store; give a new path "
                           "(pagecube would empty it; --overwrite replaces only stores)")
 
