@@ -198,9 +198,7 @@ class _Window:
         if _lease_lost(exc):
             raise LeaseLost(str(exc).splitlines()[0]) from None
         if fut.status == "cancelled" or _cancelled(exc):  # never a page's failure
-            why = re.search(r"cancelled for reason: ([\w-]+)", str(exc))
-            raise WorldStop("scheduler", _scheduler_address(self.client), "scheduler-lost",
-                            f"the futures were cancelled: {why.group(1)}" if why else _one_line(exc)) from None
+            raise _scheduler_lost(self.client, exc) from None
         _stop_if_world(exc, self.job)
         deaths = 0
         if type(exc).__name__ == "KilledWorker":
@@ -227,7 +225,18 @@ class _Window:
             pass
         if isinstance(exc, Exception) and not isinstance(exc, WorldStop) and not _lease_lost(exc) \
                 and client.status not in ("running", "newly-created"):
-            raise WorldStop("scheduler", _scheduler_address(client), "scheduler-lost", _one_line(exc)) from None
+            raise _scheduler_lost(client, exc) from None
+
+
+def _scheduler_lost(client, exc: BaseException) -> WorldStop:
+    """The stop for a client that lost its scheduler, with one cause whichever error told it first: Dask's
+    reason for cancelling the futures, which a closed connection to the scheduler leads to too (the client
+    cancels them with "scheduler-connection-lost"; so does this stop)."""
+    why = re.search(r"cancelled for reason: ([\w-]+)", str(exc))
+    closed = any(k.__name__ == "CommClosedError" for k in type(exc).__mro__)
+    reason = why.group(1) if why else ("scheduler-connection-lost" if closed else None)
+    return WorldStop("scheduler", _scheduler_address(client), "scheduler-lost",
+                     f"the futures were cancelled: {reason}" if reason else _one_line(exc))
 
 
 def _one_line(exc: BaseException) -> str:
